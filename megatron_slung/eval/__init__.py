@@ -1,0 +1,1 @@
+"""Evaluations: perplexity, toxicity probes, generation toxicity, steering (ITI), safe beam search."""

@@ -1,0 +1,1 @@
+"""GPT decoder blocks (RoPE, RMSNorm, SwiGLU, GQA) and pipeline stage specs."""

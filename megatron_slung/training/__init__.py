@@ -1,0 +1,1 @@
+"""Arguments, the pretrain loop, DeepSpeed glue, checkpoints, schedules and logging."""

@@ -1,0 +1,84 @@
+"""Build megatron_slung and its extension megatron_slung._C.
+
+C++ sources (csrc/*.cpp) are always built. CUDA sources (csrc/*.cu) are added only when torch is a
+CUDA build and a CUDA toolkit is found; set SLUNG_NO_CUDA=1 to skip them anyway. Build against the
+torch you already have:  pip install --no-build-isolation -e .
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as e:  # pragma: no cover - a build without torch cannot make the extension
+    raise SystemExit(
+        "megatron-slung builds its C++ extension against an installed torch. Install torch first "
+        "(e.g. `pip install torch==2.13.0`), then `pip install --no-build-isolation -e .`"
+    ) from e
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _with_cuda() -> bool:
+    if os.environ.get("SLUNG_NO_CUDA", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if not _with_cuda():
+        return CppExtension(
+            "megatron_slung._C",
+            cpp,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        # No GPU to ask: build for A100 and H100 (plus PTX for newer cards) instead of every arch.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    return CUDAExtension(
+        "megatron_slung._C",
+        cpp + cu,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        define_macros=[("SLUNG_WITH_CUDA", "1")],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+        },
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="megatron-slung",
+    version="0.1.0",
+    description="Risk-aware large-scale GPT pretraining: selective loss on tagged data, Megatron-style parallelism on DeepSpeed",
+    packages=find_packages(include=["megatron_slung", "megatron_slung.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "numpy",
+        "sentencepiece",
+        "transformers",
+        "pybind11",
+        "tqdm",
+        "tensorboard",
+        "safetensors",
+        "zstandard",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval"],
+    },
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
