@@ -225,6 +225,17 @@ def test_dataset_pickles_for_dataloader_workers(corpus, tmp_path):
     assert len(blob) < 4000
     copy = pickle.loads(blob)
     assert all(torch.equal(ds[i]["tokens"], copy[i]["tokens"]) for i in range(len(ds)))
+    # a blend read from its cache pickles small too
+    other = str(tmp_path / "other")
+    make_corpus(other, 20, source=2)
+    blend_args = (["1", prefix, "1", other], "1", 8, 1, (300, 0, 0), str(tmp_path / "c"))
+    build_gpt_datasets(*blend_args)
+    blend = build_gpt_datasets(*blend_args)[0]
+    assert isinstance(blend.dataset_index, np.memmap)
+    blob = pickle.dumps(blend)
+    assert len(blob) < 8000
+    copy = pickle.loads(blob)
+    assert all(torch.equal(blend[i]["tokens"], copy[i]["tokens"]) for i in range(0, len(blend), 17))
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=0)
     batch = next(iter(loader))
     assert batch["tokens"].shape == (5, 8) and batch["risk"].dtype == torch.uint8
