@@ -211,6 +211,8 @@ class GPTDataset(torch.utils.data.Dataset):
         cache = _IndexCache(cache_dir, {
             "kind": "GPTDataset", "prefix": os.path.abspath(indexed.prefix), "num_tokens": indexed.num_tokens,
             "num_documents": indexed.num_documents, "split": split, "documents": [first, len(self.documents)],
+            # the indices depend on the document lengths only: a rewritten dataset with other lengths is a new entry
+            "document_lengths_sha1": hashlib.sha1(np.ascontiguousarray(doc_lengths[self.documents]).tobytes()).hexdigest(),
             "seq_length": self.seq_length, "seed": self.seed, "num_samples": self.num_samples,
         })
         arrays = cache.load_or_build(("doc_order", "sample_idx", "shuffle_idx"), lambda: self._build(doc_lengths))
