@@ -247,6 +247,11 @@ class RMSNorm(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype, device=device))
         self.weight.sequence_parallel = sequence_parallel  # Megatron's attribute, for tools that look
+        # DeepSpeed counts a parameter in the gradient norm where `model_parallel` (or
+        # `tensor_model_parallel`) is set, or on model-parallel rank 0. Replicated over TP, this
+        # weight must count once per pipeline stage: on TP rank 0 (DeepSpeed's fp32 clipping would
+        # otherwise drop it on every stage but the first).
+        self.weight.model_parallel = state.get_tensor_model_parallel_rank() == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = copy_to_tensor_model_parallel_region(self.weight) if self.sequence_parallel else self.weight

@@ -240,6 +240,14 @@ class GPTPipelineModule(PipelineModule):
             partition_method=method,
             activation_checkpoint_interval=0,  # recomputation happens inside TransformerLayer
         )
+        # The tied embedding's copy on the last stage must not count twice in the gradient norm.
+        # DeepSpeed marks it `ds_pipe_replicated`, which its fp32 clipping ignores; without the
+        # tensor-parallel marks it counts only on model-parallel rank 0, which the last stage is not.
+        for comm in self.tied_comms.values():
+            if self.global_rank != comm["ranks"][0]:
+                for p in comm["module"].parameters():
+                    p.tensor_model_parallel = False
+                    p.model_parallel = False
 
     def _count_layer_params(self):
         # DeepSpeed's version builds every layer of the whole model on every rank just to count;
@@ -249,6 +257,11 @@ class GPTPipelineModule(PipelineModule):
         layer = (h * (c.num_attention_heads + 2 * c.num_query_groups) * d + c.num_attention_heads * d * h
                  + 3 * h * c.ffn_hidden_size + 2 * h)
         return [c.vocab_size * h] + [layer] * c.num_layers + [h, c.vocab_size * h]
+
+    def _synchronize_tied_weights(self):
+        # DeepSpeed broadcasts the tied parameters in place; outside no_grad autograd records it.
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
 
     def set_loss_scale(self, scale: Optional[float]) -> None:
         self.loss_fn.set_scale(scale)
