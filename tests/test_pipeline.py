@@ -3,21 +3,30 @@
 import pytest
 import torch
 
-from megatron_slung.model.gpt import GPTConfig, GPTModel
+from megatron_slung.model.gpt import GPTConfig, GPTModel, tensor_parallel_layout
 from megatron_slung.model.pipeline import (
     PipelineLoss,
     loss_scale_for_global_batch,
     masked_cross_entropy_tp,
     pipeline_layer_prefixes,
 )
+from megatron_slung.parallel.layers import merge_tensor_parallel_shards
 from tests.distributed import run_distributed
 
 POLICY = "0:ce,1:ce,2:ignore,3:unlikelihood"
 GAS, MICRO, SEQ = 2, 2, 8
 CLIP = 0.05
-CONFIGS = {
-    "tied": dict(),
-    "untied_recompute": dict(untie_embeddings_and_output_weights=True, recompute_activations=True),
+# name -> (config overrides, DeepSpeed "pipeline" section)
+NO_PARTITION = {"pipe_partitioned": False, "grad_partitioned": False}
+PP2_CONFIGS = {
+    "tied": (dict(), NO_PARTITION),
+    "untied_recompute": (dict(untie_embeddings_and_output_weights=True, recompute_activations=True), NO_PARTITION),
+}
+TP2_PP2_CONFIGS = {
+    # sequence-parallel activations differ across TP ranks: DeepSpeed must not partition them
+    "tied_sp": (dict(sequence_parallel=True), NO_PARTITION),
+    # replicated activations: DeepSpeed's default partitioning across the TP ranks works
+    "untied_partitioned": (dict(untie_embeddings_and_output_weights=True), {}),
 }
 
 
@@ -48,16 +57,17 @@ def _num_loss_tokens(batches):
     return n
 
 
-def _pipeline_body(rank, world_size, batches):
+def _pipeline_body(rank, world_size, tp, configs, batches):
     import deepspeed
+    from deepspeed.runtime.utils import clip_grad_norm_
 
     from megatron_slung.model.pipeline import GPTPipelineModule
     from megatron_slung.parallel import state
 
     state.init_deepspeed_comm()
-    state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=world_size)
+    state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=2)
     out = {}
-    for name, overrides in CONFIGS.items():
+    for name, (overrides, pipeline_section) in configs.items():
         module = GPTPipelineModule(_config(**overrides), policy=POLICY)
         optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
         ds_config = {
@@ -65,60 +75,86 @@ def _pipeline_body(rank, world_size, batches):
             "gradient_accumulation_steps": GAS,
             "steps_per_print": 10**9,
             "gradient_clipping": CLIP,  # DeepSpeed's default is 1.0; small, so that it acts
-            "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
+            "pipeline": pipeline_section,
         }
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         # fp32 engines do not keep the norm they clip with: record what DeepSpeed's clipping computes
-        from deepspeed.runtime.utils import clip_grad_norm_
-
         norms = []
         engine.clip_fp32_gradients = lambda: norms.append(
             float(clip_grad_norm_(parameters=module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)))
         module.set_loss_scale(loss_scale_for_global_batch(_num_loss_tokens(batches), GAS, state.get_data_parallel_world_size()))
         loss = engine.train_batch(iter(batches))
         stats = module.loss_fn.pop_stats()
-        out[name] = (float(loss), norms[0], stats, {k: v.detach().clone() for k, v in module.model_state_dict().items()},
-                     module.parts)
+        out[name] = dict(loss=float(loss), norm=norms[0], stats=stats, parts=module.parts,
+                         stage=state.get_pipeline_model_parallel_rank(), tp_rank=state.get_tensor_model_parallel_rank(),
+                         params={k: v.detach().clone() for k, v in module.model_state_dict().items()})
     state.destroy_model_parallel()
     return out
 
 
-@pytest.mark.distributed
-def test_two_stage_deepspeed_pipeline_matches_the_plain_model():
+def _reference_step(cfg, batches, n_tokens):
+    """The plain model, one process: loss, gradient norm, weights after one clipped SGD step."""
+    model = GPTModel(cfg)
+    loss_fn = PipelineLoss(POLICY)
+    loss_fn.set_scale(1.0 / n_tokens)  # one process, no accumulation: scale = 1 / N
+    total = sum(loss_fn(model(tokens), labels) for tokens, labels in batches)
+    total.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    assert norm > 2 * CLIP  # clipping acts: the gradient norm must be the same as DeepSpeed's
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= p.grad  # SGD, lr 1
+    return total.item(), norm.item(), loss_fn.pop_stats(), model.state_dict()
+
+
+def _check_against_reference(results, configs, tp):
     batches = _micro_batches()
     n_tokens = _num_loss_tokens(batches)
-    results = run_distributed(_pipeline_body, 2, args=(batches,))
-    for name, overrides in CONFIGS.items():
+    for name, (overrides, _) in configs.items():
         cfg = _config(**overrides)
-        model = GPTModel(cfg)
-        loss_fn = PipelineLoss(POLICY)
-        loss_fn.set_scale(1.0 / n_tokens)  # one process, no accumulation: scale = 1 / N
-        total = sum(loss_fn(model(tokens), labels) for tokens, labels in batches)
-        total.backward()
-        expected_stats = loss_fn.pop_stats()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        assert norm > 2 * CLIP  # clipping acts: the gradient norm must be the same as DeepSpeed's
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= p.grad  # SGD, lr 1
+        loss, norm, stats, expected = _reference_step(cfg, batches, n_tokens)
+        layout = tensor_parallel_layout(cfg)
+        seen = set()
+        for stage in (0, 1):
+            ranks = [r[name] for r in results if r[name]["stage"] == stage]
+            ranks.sort(key=lambda r: r["tp_rank"])
+            assert len(ranks) == tp
+            for r in ranks:
+                # every rank reports the global loss and DeepSpeed's gradient norm counts each parameter once
+                assert r["loss"] == pytest.approx(loss, rel=1e-5), name
+                assert r["norm"] == pytest.approx(norm, rel=1e-6), name
+                assert r["parts"] == [0, 3, 7]  # embedding + 2 layers | 2 layers + norm + head
+                if stage == 0:
+                    assert r["stats"] is None
+                else:
+                    assert int(r["stats"]["num_tokens"]) == n_tokens == int(stats["num_tokens"])
+                    assert torch.equal(r["stats"]["level_count"], stats["level_count"])
+            # updated weights (gradients, scaling and clipping right) match, TP shards merged
+            for key in ranks[0]["params"]:
+                dim, parts = layout[key]
+                shards = [r["params"][key] for r in ranks]
+                got = shards[0] if dim is None else merge_tensor_parallel_shards(shards, dim, parts)
+                torch.testing.assert_close(got, expected[key], rtol=1e-5, atol=1e-5, msg=f"{name}: {key}")
+                seen.add(key)
+        assert seen == set(expected)
+        if not cfg.untie_embeddings_and_output_weights:  # both stages hold the tied embedding, still equal
+            key = "embedding.word_embeddings.weight"
+            firsts = {r[name]["tp_rank"]: r[name]["params"][key] for r in results if r[name]["stage"] == 0}
+            for r in results:
+                if r[name]["stage"] == 1:
+                    assert torch.equal(r[name]["params"][key], firsts[r[name]["tp_rank"]])
 
-        (loss0, norm0, stats0, params0, parts), (loss1, norm1, stats1, params1, _) = results[0][name], results[1][name]
-        # every parameter counted once in the gradient norm (norms of later stages, the tied copy)
-        assert norm0 == pytest.approx(norm.item(), rel=1e-6) and norm1 == pytest.approx(norm.item(), rel=1e-6)
-        # stage 0 holds the embedding and the first layers, stage 1 the rest (+ the head)
-        assert parts == [0, 3, 7]
-        assert stats0 is None and stats1["num_tokens"] == n_tokens == expected_stats["num_tokens"]
-        assert torch.equal(stats1["level_count"], expected_stats["level_count"])
-        torch.testing.assert_close(loss0, total.item(), rtol=1e-5, atol=1e-6)  # every stage reports the loss
-        torch.testing.assert_close(loss1, total.item(), rtol=1e-5, atol=1e-6)
-        # updated weights (= the gradients, scaled right) match, stage by stage
-        expected = model.state_dict()
-        assert set(params0) | set(params1) == set(expected)
-        for params in (params0, params1):
-            for k, v in params.items():
-                torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-5, msg=f"{name}: {k}")
-        if name == "tied":  # both stages hold the tied embedding, and they stay equal after the step
-            assert torch.equal(params0["embedding.word_embeddings.weight"], params1["embedding.word_embeddings.weight"])
+
+@pytest.mark.distributed
+def test_two_stage_deepspeed_pipeline_matches_the_plain_model():
+    results = run_distributed(_pipeline_body, 2, args=(1, PP2_CONFIGS, _micro_batches()))
+    _check_against_reference(results, PP2_CONFIGS, tp=1)
+
+
+@pytest.mark.distributed
+def test_tp2_by_pp2_deepspeed_pipeline_matches_the_plain_model():
+    results = run_distributed(_pipeline_body, 4, args=(2, TP2_PP2_CONFIGS, _micro_batches()))
+    _check_against_reference(results, TP2_PP2_CONFIGS, tp=2)
 
 
 def test_pipeline_layer_prefixes_and_loss_scale():
