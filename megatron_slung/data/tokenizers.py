@@ -133,7 +133,9 @@ class SentencePieceTokenizer:
         self._piece_bytes = lengths
         self._dummy_prefix = self._has_dummy_prefix()
         self._lossless = self._probe_lossless()
-        self.word_cache = bool(word_cache) and not self._ws_crossing
+        # The word cache is used only where it is provably exact: lossless models whose pieces never
+        # cross a "non-space, space" boundary (plus a probe below).
+        self.word_cache = bool(word_cache) and self._lossless and not self._ws_crossing
         self.max_cache_words = max_cache_words
         self._reset_cache()
         self.cache_lookups = self.cache_misses = 0
