@@ -50,13 +50,13 @@ def test_byte_char_offset_conversion():
 def test_sentencepiece_specials(sp_model):
     tok = build_tokenizer("SentencePieceTokenizer", sp_model)
     assert tok.vocab_size == 1200
-    assert tok.eod == tok.token_to_id("<|endoftext|>") == 3
-    assert tok.pad == tok.token_to_id("<|pad|>") == 4
-    assert tok.token_to_id("<|potentially_unsafe|>") == 5
+    assert tok.eod == tok.token_to_id("<|endoftext|>") == 2
+    assert tok.pad == tok.token_to_id("<|pad|>") == 3
+    assert tok.token_to_id("<|potentially_unsafe|>") == 4
     assert tok.token_to_id("no-such-piece-xyz") is None
     # Special tokens are control symbols: literal text can never produce them.
     ids = tok.tokenize("<|endoftext|> and <|potentially_unsafe|>")
-    assert not {3, 4, 5} & set(ids)
+    assert not {2, 3, 4} & set(ids)
     assert tok.detokenize(ids) == "<|endoftext|> and <|potentially_unsafe|>"
 
 

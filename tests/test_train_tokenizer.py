@@ -10,10 +10,9 @@ from tests.data_tools_fixtures import corpus_file, corpus_records, run_tool, sp_
 
 def test_special_tokens_and_lossless(sp_model):
     tok = SentencePieceTokenizer(sp_model)
-    assert [tok.id_to_token(i) for i in range(6)] == ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|pad|>",
-                                                      "<|potentially_unsafe|>"]
-    assert tok.eod == 3 and tok.pad == 4
-    assert all(tok.sp.is_control(i) for i in (3, 4, 5))  # single pieces that text cannot produce
+    assert [tok.id_to_token(i) for i in range(5)] == ["<unk>", "<s>", "<|endoftext|>", "<|pad|>", "<|potentially_unsafe|>"]
+    assert tok.eod == 2 == tok.sp.eos_id() and tok.pad == 3 == tok.sp.pad_id()  # what Megatron-LM reads as EOD
+    assert all(tok.sp.is_control(i) for i in (1, 2, 3, 4))  # single pieces that text cannot produce
     assert tok._lossless
 
 
@@ -21,7 +20,7 @@ def test_deterministic(tmp_path, corpus_file, sp_model):
     run_tool("train_tokenizer.py", "--input", corpus_file, "--output-prefix", tmp_path / "again", "--vocab-size", 1200)
     assert (tmp_path / "again.model").read_bytes() == open(sp_model, "rb").read()
     vocab = (tmp_path / "again.vocab").read_text(encoding="utf-8").splitlines()
-    assert len(vocab) == 1200 and vocab[3].startswith("<|endoftext|>\t")
+    assert len(vocab) == 1200 and vocab[2].startswith("<|endoftext|>\t")
 
 
 def test_unigram_text_input_custom_tags(tmp_path, corpus_records):
@@ -32,7 +31,7 @@ def test_unigram_text_input_custom_tags(tmp_path, corpus_records):
                     "--max-sentences", 400)
     assert "vocab 700" in proc.stdout
     tok = SentencePieceTokenizer(str(tmp_path / "uni.model"))
-    assert tok.token_to_id("<unsafe>") == 5 and tok.token_to_id("<|sys|>") == 6
+    assert tok.token_to_id("<unsafe>") == 4 and tok.token_to_id("<|sys|>") == 5
     assert tok.token_to_id("<|potentially_unsafe|>") is None
     assert tok.detokenize(tok.tokenize("Zürich 😀 东京")) == "Zürich 😀 东京"
 
