@@ -212,3 +212,10 @@ def test_missing_paths_and_types(tmp_path):
         build_tokenizer("HuggingFaceTokenizer", "gpt2")  # a hub name is never fetched
     with pytest.raises(ValueError, match="unknown tokenizer type"):
         build_tokenizer("BertWordPieceCase", "x")
+
+
+def test_huggingface_special_tokens_are_not_read_from_text(hf_tokenizer_dir):
+    tok = HuggingFaceTokenizer(hf_tokenizer_dir)
+    assert tok.eod not in tok.tokenize("a <|endoftext|> b")
+    matching = HuggingFaceTokenizer(hf_tokenizer_dir, special_tokens_in_text=True)
+    assert matching.eod in matching.tokenize("a <|endoftext|> b")

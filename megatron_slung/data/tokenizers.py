@@ -388,13 +388,15 @@ class HuggingFaceTokenizer:
 
     Loaded with ``local_files_only``: never downloads. ``eod`` is the tokenizer's EOS token, else
     ``<|endoftext|>``; ``pad`` its pad token, else ``<|pad|>``, else None. ``tokenize`` adds no special
-    tokens (no BOS), as pretraining data wants; pass ``add_special_tokens=True`` to change that.
+    tokens (no BOS), as pretraining data wants; pass ``add_special_tokens=True`` to change that. Text is
+    text: a document containing the string ``<|endoftext|>`` does not produce the special token (as with
+    SentencePiece control pieces); ``special_tokens_in_text=True`` restores Hugging Face's matching.
     """
 
     kind = "HuggingFaceTokenizer"
 
     def __init__(self, path: str, eod_token: str | None = None, pad_token: str | None = None,
-                 add_special_tokens: bool = False):
+                 add_special_tokens: bool = False, special_tokens_in_text: bool = False):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if not os.path.exists(path):
@@ -411,6 +413,8 @@ class HuggingFaceTokenizer:
                              "save it with tokenizer.json")
         self.path = path
         self.backend = self.hf.backend_tokenizer
+        if not special_tokens_in_text and hasattr(self.backend, "encode_special_tokens"):
+            self.backend.encode_special_tokens = True
         self.add_special_tokens = add_special_tokens
         self.vocab_size = len(self.hf)
 
