@@ -13,13 +13,13 @@ character (a byte-fallback piece of an emoji, say) gets that character's span, o
 character's position; a token that covers no text at all (SentencePiece's dummy-prefix ``▁``) gets an
 empty span where it stands. Nothing is ever downloaded: paths must be local.
 
-The SentencePiece fast path. SentencePiece's own encoder is slow in Python loops, and its output for a
-text is the concatenation of its outputs for the text's space-separated words whenever no piece of the
-vocabulary crosses the boundary "non-space, then space" (true for models trained by
-``tools/train_tokenizer.py``, and checked on the vocabulary at load time). So words are encoded once and
-cached, and for losslessly-normalised models (checked by a round-trip probe at load time) the offsets
-are computed from the pieces' byte lengths with numpy. ``word_cache=False`` gives the plain path;
-tests check that both agree.
+The SentencePiece fast path. SentencePiece's output for a text is the concatenation of its outputs for
+the text's space-separated segments whenever no piece of the vocabulary crosses the boundary
+"non-space, then space" (true for models trained by ``tools/train_tokenizer.py``; checked on the
+vocabulary at load time, with lossless models only). So each distinct segment is encoded once and kept
+in a table that numpy searches by hash and confirms byte for byte (:class:`_WordTable`), and offsets
+are computed from the pieces' byte lengths. ``word_cache=False`` gives the plain path; tests check that
+both agree.
 """
 
 from __future__ import annotations
