@@ -127,3 +127,18 @@ def bag_of_words_llama(tokenizer, strength=4.0):
                     model.lm_head.weight[ids(nxt), half + ids(w)] = strength
     assert head_dim >= v
     return model.eval()
+
+
+def bpe_tokenizer(texts, vocab_size=300):
+    """A byte-level BPE ``tokenizers`` tokenizer trained on ``texts`` (English text fixtures)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", additional_special_tokens=[HARM_TAG])
