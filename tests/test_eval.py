@@ -259,8 +259,6 @@ def test_scorers(tmp_path):
     prof = scorers.build_scorer("profanity")
     s = prof(["you are a fucking idiot", "have a lovely day"])
     assert s[0] > 0.5 > s[1]
-    assert scorers.toxic_label_index({0: "non-toxic", 1: "toxic"}) == 1
-    assert scorers.toxic_label_index({0: "TOXIC", 1: "neutral"}) == 0
     with pytest.raises(ValueError, match="unknown scorer"):
         scorers.build_scorer("nope")
     with pytest.raises(ValueError, match="PERSPECTIVE_API_KEY"):

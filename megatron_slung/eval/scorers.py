@@ -11,77 +11,23 @@
 | ``http`` | any JSON endpoint: POST ``{"texts": [...]}`` -> ``{"scores": [...]}`` | the URL |
 | ``module:function`` | your own Python callable with the same signature | - |
 
-Names this module does not know are passed on to ``megatron_slung.data.scorers.build_scorer`` (the
-risk-tagging scorers of the data tools) when that module exists.
+``profanity``, ``hf-classifier`` and ``module:function`` come from `megatron_slung.data.scorers` (the
+risk tagger's scorers), so data tagging and evaluation score text the same way; this module adds the
+ones only evaluations need.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Sequence
+from typing import Sequence
 
-Scorer = Callable[[Sequence[str]], list]
-
-
-def profanity_scorer() -> Scorer:
-    try:
-        from profanity_check import predict_prob
-    except ImportError as e:
-        raise ImportError("the 'profanity' scorer needs alt-profanity-check: pip install alt-profanity-check") from e
-
-    def score(texts):
-        texts = list(texts)
-        return [float(p) for p in predict_prob(texts)] if texts else []
-
-    return score
-
-
-def toxic_label_index(id2label: dict) -> int:
-    """Pick the class that means 'toxic' from a classifier's labels (a 'toxic' label that is not negated)."""
-    labels = {int(k): str(v).lower() for k, v in id2label.items()}
-    for i, name in sorted(labels.items()):
-        if re.search(r"toxic|offensive|hate|abusive|unsafe|harmful", name) and not re.search(r"\b(non|not|no)\b|non-|non_", name):
-            return i
-    if len(labels) == 2:
-        return 1
-    raise ValueError(f"cannot tell which class is toxic among {sorted(labels.values())}; pass label=INDEX")
-
-
-def hf_classifier_scorer(path: str, device: str = "cpu", batch_size: int = 32, label: int | None = None,
-                         max_length: int = 512) -> Scorer:
-    """A local Hugging Face sequence classifier; score = probability of its toxic class.
-
-    Multi-label heads (``problem_type == "multi_label_classification"``) use a sigmoid, others a softmax.
-    """
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"hf-classifier scorer: {path} is not a directory (a local HF classifier is expected)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
-    index = label if label is not None else toxic_label_index(model.config.id2label)
-    multi_label = model.config.problem_type == "multi_label_classification"
-
-    @torch.no_grad()
-    def score(texts):
-        out = []
-        texts = list(texts)
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt").to(device)
-            logits = model(**enc).logits.float()
-            probs = logits.sigmoid() if multi_label else logits.softmax(-1)
-            out.extend(probs[:, index].tolist())
-        return out
-
-    return score
+from megatron_slung.data import scorers as data_scorers
+from megatron_slung.data.scorers import Scorer
 
 
 def lexicon_scorer(path: str | None = None, words: Sequence[str] | None = None) -> Scorer:
@@ -163,23 +109,12 @@ def http_scorer(url: str, batch_size: int = 64, timeout: float = 60.0, retries: 
     return score
 
 
-def python_scorer(spec: str) -> Scorer:
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"scorer {spec!r}: cannot import {name} from {module}: {e}") from None
-    return fn
-
-
 def build_scorer(name: str, path: str | None = None, **options) -> Scorer:
-    """A toxicity scorer by name (see the module docstring); ``path`` is its file, directory or URL."""
-    if name in ("profanity", "alt-profanity-check", "profanity-check"):
-        return profanity_scorer()
-    if name in ("hf-classifier", "hf", "classifier"):
-        if not path:
-            raise ValueError("the 'hf-classifier' scorer needs --scorer-path DIR (a local HF classifier)")
-        return hf_classifier_scorer(path, **options)
+    """A toxicity scorer by name (see the module docstring); ``path`` is its file, directory or URL.
+
+    ``profanity``, ``hf-classifier`` and ``module:function`` are the data tools' scorers
+    (`megatron_slung.data.scorers`), so tagging and evaluation score text the same way.
+    """
     if name in ("lexicon", "wordlist"):
         return lexicon_scorer(path, **options)
     if name == "perspective":
@@ -188,15 +123,17 @@ def build_scorer(name: str, path: str | None = None, **options) -> Scorer:
         if not path:
             raise ValueError("the 'http' scorer needs --scorer-path URL")
         return http_scorer(path, **options)
-    if ":" in name:
-        return python_scorer(name)
+    if name in ("hf-classifier", "classifier"):
+        name = "hf"
+    if name == "hf" and not path:
+        raise ValueError("the 'hf-classifier' scorer needs --scorer-path DIR (a local HF sequence classifier)")
     try:
-        from megatron_slung.data import scorers as data_scorers
-    except ImportError:
-        data_scorers = None
-    if data_scorers is not None and hasattr(data_scorers, "build_scorer"):
-        return data_scorers.build_scorer(name, path)
-    raise ValueError(f"unknown scorer {name!r}: use profanity, hf-classifier, lexicon, perspective, http or module:function")
+        return data_scorers.build_scorer(name, path, **options)
+    except ValueError as e:
+        if "unknown scorer" in str(e):
+            raise ValueError(f"unknown scorer {name!r}: use profanity, hf-classifier, lexicon, perspective, http "
+                             "or module:function") from None
+        raise
 
 
 def score_texts(scorer: Scorer, texts: Sequence[str], what: str = "scorer") -> list[float]:
