@@ -184,16 +184,13 @@ def load_model(path: str, device: str | torch.device | None = "cpu", dtype: str 
 
 def _load_checkpoint_as_hf(path: str, torch_dtype: torch.dtype):
     """A megatron-slung checkpoint directory -> an in-memory HF model (via the shared name mapping)."""
+    from megatron_slung.model.hf_checkpoint import CheckpointError, load_checkpoint_as_hf
+
     try:
-        from megatron_slung.model import hf_adapter
-    except ImportError:
-        hf_adapter = None
-    if hf_adapter is None or not hasattr(hf_adapter, "load_checkpoint_as_hf"):
-        raise EvalInputError(
-            f"--model {path}: no config.json, so not a Hugging Face model directory, and this build cannot read "
-            "megatron-slung checkpoints yet; convert it with tools/convert_to_hf.py first"
-        )
-    return hf_adapter.load_checkpoint_as_hf(path, dtype=torch_dtype)
+        return load_checkpoint_as_hf(path, dtype=torch_dtype)
+    except CheckpointError as e:
+        raise EvalInputError(f"--model {path}: no config.json (so not a Hugging Face model directory) and not a "
+                             f"readable megatron-slung checkpoint: {e}") from None
 
 
 def prepare_tokenizer(tokenizer) -> None:
