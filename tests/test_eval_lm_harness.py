@@ -1,4 +1,4 @@
-"""lm-evaluation-harness runs offline on a tiny exported model with the task defined in the repo."""
+"""lm-evaluation-harness runs offline on a tiny exported checkpoint with the task defined in the repo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
+from megatron_slung.model import hf_checkpoint
+from megatron_slung.model.gpt import GPTConfig, GPTModel
 from tests import eval_fixtures as fx
+from tools import convert_to_hf
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's hf model needs it (the lm-eval[hf] extra)
@@ -22,8 +25,17 @@ TASK_DATA = os.path.join(ROOT, "examples", "lm_eval_tasks", "data", "toxicity_ye
 def test_lm_eval_cli_runs_offline_on_the_repo_task(tmp_path):
     with open(TASK_DATA, encoding="utf-8") as f:
         docs = [json.loads(line) for line in f]
+    # A GPTModel checkpoint (TP=2) exported with tools/convert_to_hf.py, with a BPE tokenizer trained here.
     tok = fx.bpe_tokenizer([d["text"] for d in docs] + ["Text: Question: Is this text toxic? Answer: yes no"])
-    model_dir = fx.save(fx.random_llama(tok, seed=0), tok, str(tmp_path / "model"))
+    tok_dir = str(tmp_path / "tokenizer")
+    tok.save_pretrained(tok_dir)
+    cfg = GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                    vocab_size=-(-len(tok) // 2) * 2, max_position_embeddings=128)
+    ckpt = str(tmp_path / "ckpt")
+    hf_checkpoint.write_checkpoint(ckpt, GPTModel(cfg).state_dict(), cfg, tensor_parallel=2,
+                                   tokenizer={"type": "HuggingFaceTokenizer", "model": tok_dir})
+    model_dir = str(tmp_path / "model")
+    assert convert_to_hf.main(["--load", ckpt, "--output", model_dir]) == 0
     out = tmp_path / "lm_eval_out"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
