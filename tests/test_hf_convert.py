@@ -63,7 +63,7 @@ def test_checkpoint_to_hf_logits_match(tmp_path, spm_model, tp, pp, untie):
     if pp > 1:
         assert f"layer_00-model_{tp - 1:02d}-model_states.pt" in files
     else:
-        assert files == [f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
+        assert [f for f in files if f.startswith("mp_rank")] == [f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
     out = str(tmp_path / "hf")
     assert convert_to_hf.main(["--load", ckpt, "--output", out]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
@@ -93,6 +93,9 @@ def test_hf_to_checkpoint_round_trip_is_exact(tmp_path):
                                  "--pipeline-model-parallel-size", "2"]) == 0
     full, cfg, meta = hf_checkpoint.read_checkpoint(ckpt)
     assert cfg.vocab_size == 28 and meta["tensor_model_parallel_size"] == 4
+    # The trainer's files are there too: iteration 0 and the model's arguments (for --load CKPT --finetune).
+    train = torch.load(os.path.join(ckpt, "release", "slung_state.pt"), weights_only=True)
+    assert train["iteration"] == 0 and json.loads(train["args_json"])["padded_vocab_size"] == 28
     hf_sd = hf.state_dict()
     assert torch.equal(full["embedding.word_embeddings.weight"][:26], hf_sd["model.embed_tokens.weight"])
     assert full["embedding.word_embeddings.weight"][26:].abs().sum() == 0
@@ -135,6 +138,35 @@ def test_imported_tp2_checkpoint_loads_into_the_tensor_parallel_model(tmp_path):
     with torch.no_grad():
         ref = hf(tokens).logits
     torch.testing.assert_close(torch.cat(shards, dim=-1)[..., :len(tok)], ref, **TOL)
+
+
+def test_reads_the_trainers_layout(tmp_path, spm_model):
+    """DeepSpeed's mp_rank files with the module only, the configuration in the trainer's slung_state.pt."""
+    cfg = _config(untie_embeddings_and_output_weights=True)
+    model = GPTModel(cfg).eval()
+    tag_dir = tmp_path / "ckpt" / "iter_0000100"
+    tag_dir.mkdir(parents=True)
+    from megatron_slung.model.gpt import split_state_dict_for_tensor_parallel
+
+    for t in range(2):
+        shard = split_state_dict_for_tensor_parallel(model.state_dict(), cfg, 2, t)
+        torch.save({"module": shard, "dp_world_size": 1, "mp_world_size": 2}, tag_dir / f"mp_rank_{t:02d}_model_states.pt")
+    args = {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 8, "num_query_groups": 4,
+            "max_position_embeddings": 64, "norm_epsilon": 1e-6, "untie_embeddings_and_output_weights": True,
+            "seq_length": 32, "lr": 4e-4, "tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": spm_model}
+    torch.save({"format_version": 1, "iteration": 100, "args_json": json.dumps(args)}, tag_dir / "slung_state.pt")
+    (tmp_path / "ckpt" / "latest").write_text("iter_0000100\n")
+    full, got_cfg, meta = hf_checkpoint.read_checkpoint(str(tmp_path / "ckpt"))
+    assert got_cfg.vocab_size == cfg.vocab_size and got_cfg.untie_embeddings_and_output_weights
+    for name, t in model.state_dict().items():
+        assert torch.equal(full[name], t), name
+    out = str(tmp_path / "hf")
+    assert convert_to_hf.main(["--load", str(tmp_path / "ckpt"), "--output", out]) == 0  # tokenizer from the args
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    tokens = _tokens(cfg)
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() <= 1e-4
+    assert os.path.isfile(os.path.join(out, "tokenizer.model"))
 
 
 def test_evaluations_load_a_checkpoint_directly(tmp_path, spm_model):

@@ -12,9 +12,14 @@ Checkpoint layout (DeepSpeed's, so the trainer loads what ``convert_from_hf`` wr
                                                         see `megatron_slung.model.pipeline`) of TP rank t
     CKPT/TAG/mp_rank_{r:02d}_model_states.pt            PP > 1: {"module": None, ...}, one per model-parallel rank
 
-Every ``mp_rank`` file also carries ``model_config`` (``GPTConfig.to_dict()``), the parallel sizes, and
-``tokenizer`` (``{"type": ..., "model": ...}``, a path relative to CKPT when the files were copied there).
-Files load with ``torch.load(weights_only=True)``: nothing but tensors and plain containers.
+    CKPT/TAG/slung_state.pt, args.json                  the trainer's own state: iteration, arguments (JSON)
+
+The model configuration is read from ``model_config`` in the ``mp_rank`` files (written by
+``convert_from_hf``) or else from the trainer's arguments in ``slung_state.pt`` (Megatron's names:
+num_layers, hidden_size, ...; the vocabulary size from ``padded_vocab_size`` or the embedding's shape);
+the tokenizer from ``tokenizer`` (``{"type", "model"}``) or the ``tokenizer_type``/``tokenizer_model``
+arguments. ``convert_from_hf`` writes both, with ``iteration`` 0, so the trainer's ``--load CKPT
+--finetune`` starts from it. Files load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -91,36 +96,59 @@ def _load(path: str) -> dict:
         raise CheckpointError(f"{path}: cannot load as a weights-only torch file: {e}") from None
 
 
-def config_from_state(state: dict, where: str) -> GPTConfig:
-    """The GPTConfig stored in a checkpoint's mp_rank file (``model_config``, or Megatron-style ``args``)."""
-    cfg = state.get("model_config")
+# Trainer arguments (Megatron's flag names, with underscores) that are GPTConfig fields.
+_ARG_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon", "init_method_std",
+               "untie_embeddings_and_output_weights")
+TRAIN_STATE_FILE = "slung_state.pt"  # the trainer's own state (megatron_slung.training.checkpointing)
+
+
+def read_train_args(tag_dir: str) -> dict:
+    """The trainer's arguments stored beside DeepSpeed's files (``slung_state.pt``: ``args_json``), or {}."""
+    path = os.path.join(tag_dir, TRAIN_STATE_FILE)
+    if not os.path.isfile(path):
+        return {}
+    state = _load(path)
+    try:
+        return json.loads(state.get("args_json") or "{}")
+    except (TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: 'args_json' is not JSON: {e}") from None
+
+
+def config_values(meta: dict, args: dict, where: str) -> dict:
+    """GPTConfig fields from ``model_config`` (our converters) or the trainer's arguments.
+
+    ``vocab_size`` may be missing (it is then read off the embedding's shape)."""
+    cfg = meta.get("model_config")
     if isinstance(cfg, dict):
-        return GPTConfig.from_dict(cfg)
-    args = state.get("args")
-    if isinstance(args, dict) and "num_layers" in args:
-        names = {"num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
-                 "kv_channels", "max_position_embeddings", "norm_epsilon", "untie_embeddings_and_output_weights",
-                 "init_method_std", "params_dtype"}
-        values = {k: args[k] for k in names if args.get(k) is not None}
-        if "rotary_base" in args:
-            values["rotary_base"] = args["rotary_base"]
-        vocab = args.get("padded_vocab_size") or args.get("vocab_size")
-        if vocab is None:
-            raise CheckpointError(f"{where}: 'args' has no padded_vocab_size")
-        return GPTConfig(vocab_size=int(vocab), **values)
-    raise CheckpointError(f"{where}: no model configuration in the checkpoint ('model_config' or 'args')")
+        return dict(cfg)
+    args = args or (meta.get("args") if isinstance(meta.get("args"), dict) else {})
+    if "num_layers" not in args:
+        raise CheckpointError(f"{where}: no model configuration in the checkpoint (no 'model_config' in the "
+                              f"mp_rank files, no arguments in {TRAIN_STATE_FILE})")
+    values = {k: args[k] for k in _ARG_FIELDS if args.get(k) is not None}
+    if args.get("padded_vocab_size"):
+        values["vocab_size"] = int(args["padded_vocab_size"])
+    return values
 
 
 def read_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[StateDict, GPTConfig, dict]:
-    """Any TP/PP checkpoint -> (TP=1 GPTModel state dict, GPTConfig, metadata of mp_rank 0)."""
+    """Any TP/PP checkpoint -> (TP=1 GPTModel state dict, GPTConfig, metadata of mp_rank 0 + ``args``)."""
     tag_dir = resolve_tag_dir(path, tag)
-    meta = _load(_mp_file(tag_dir, 0))
-    config = config_from_state(meta, _mp_file(tag_dir, 0))
+    meta = dict(_load(_mp_file(tag_dir, 0)))
+    args = read_train_args(tag_dir)
+    if args:
+        meta["args"] = args
+    values = config_values(meta, args, tag_dir)
+    num_layers = int(values["num_layers"])
+    untied = bool(values.get("untie_embeddings_and_output_weights", False))
+    prefixes = ["embedding."] + [f"decoder.layers.{i}." for i in range(num_layers)]
+    prefixes += ["decoder.final_layernorm.", "output_layer." if untied else None]
     layer_files = glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt"))
     if layer_files:
         tp = len(glob.glob(os.path.join(tag_dir, "layer_00-model_*-model_states.pt"))) or 1
         shards = [{} for _ in range(tp)]
-        for layer, prefix in enumerate(pipeline_layer_prefixes(config)):
+        for layer, prefix in enumerate(prefixes):
             if prefix is None:
                 continue
             for t in range(tp):
@@ -138,11 +166,26 @@ def read_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[StateDict, GP
             if not isinstance(module, dict):
                 raise CheckpointError(f"{_mp_file(tag_dir, t)}: no 'module' state dict")
             shards.append({k[len("module."):] if k.startswith("module.") else k: v for k, v in module.items()})
+    embedding = shards[0].get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise CheckpointError(f"{tag_dir}: no embedding.word_embeddings.weight in the weights")
+    values.setdefault("vocab_size", int(embedding.shape[0]) * len(shards))
     try:
+        config = GPTConfig.from_dict(values)
         full = merge_tensor_parallel_state_dicts(shards, config)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{tag_dir}: the weights do not match the stored model configuration: {e}") from None
     return full, config, meta
+
+
+def train_args(config: GPTConfig, tensor_parallel: int, pipeline_parallel: int, tokenizer: dict) -> dict:
+    """The model's trainer arguments (Megatron names), for ``slung_state.pt`` / ``args.json``."""
+    args = {k: getattr(config, k) for k in _ARG_FIELDS}
+    args.update(padded_vocab_size=config.vocab_size, tensor_model_parallel_size=tensor_parallel,
+                pipeline_model_parallel_size=pipeline_parallel)
+    if tokenizer:
+        args.update(tokenizer_type=tokenizer.get("type"), tokenizer_model=tokenizer.get("model"))
+    return args
 
 
 # --------------------------------------------------------------------------- writing checkpoints
@@ -200,8 +243,14 @@ def write_checkpoint(path: str, full: StateDict, config: GPTConfig, tensor_paral
                                _layer_file(tag_dir, layer, t))
             for r in range(tensor_parallel * pipeline_parallel):
                 torch.save({"module": None, **meta}, _mp_file(tag_dir, r))
+        # The trainer's own files, so that `--load CKPT --finetune` accepts the checkpoint.
+        args = train_args(config, tensor_parallel, pipeline_parallel, tokenizer or {})
+        torch.save({"format_version": 1, "iteration": 0, "consumed_train_samples": 0, "args_json": json.dumps(args)},
+                   os.path.join(tag_dir, TRAIN_STATE_FILE))
+        with open(os.path.join(tag_dir, "args.json"), "w", encoding="utf-8") as f:
+            json.dump(args, f, indent=1, sort_keys=True)
         with open(os.path.join(tmp, "latest"), "w", encoding="utf-8") as f:
-            f.write(tag)
+            f.write(tag + "\n")
         _commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,7 +380,7 @@ def _lcm(a: int, b: int) -> int:
 # --------------------------------------------------------------------------- evaluations
 def resolve_tokenizer(ckpt_path: str, meta: dict) -> Tuple[Optional[str], Optional[str]]:
     tok = meta.get("tokenizer") or {}
-    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}  # the trainer's --tokenizer-* flags
     kind = tok.get("type") or args.get("tokenizer_type")
     model = tok.get("model") or args.get("tokenizer_model")
     if model and not os.path.isabs(model) and os.path.exists(os.path.join(ckpt_path, model)):
