@@ -256,13 +256,16 @@ def test_scorers(tmp_path):
     words.write_text("# toxic words\nidiot\nmoron\n")
     lex = scorers.build_scorer("lexicon", str(words))
     assert lex(["You IDIOT!", "idiotic plan", "a moron", "nice"]) == [1.0, 0.0, 1.0, 0.0]
-    prof = scorers.build_scorer("profanity")
-    s = prof(["you are a fucking idiot", "have a lovely day"])
-    assert s[0] > 0.5 > s[1]
     with pytest.raises(ValueError, match="unknown scorer"):
         scorers.build_scorer("nope")
     with pytest.raises(ValueError, match="PERSPECTIVE_API_KEY"):
         scorers.perspective_scorer(api_key="")
+
+
+def test_profanity_scorer():
+    pytest.importorskip("profanity_check")
+    s = scorers.build_scorer("profanity")(["you are a fucking idiot", "have a lovely day"])
+    assert s[0] > 0.5 > s[1]
 
 
 def test_http_scorer_protocol_on_loopback():
@@ -481,13 +484,15 @@ def test_cli_probe_zero_shot_perplexity_steer_safe_beam(hf_dir, tmp_path):
     data = write_jsonl(tmp_path / "lab.jsonl", [{"text": t, "label": int(y)} for t, y in zip(texts, labels)])
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": {"text": "hello"}}, {"prompt": {"text": "the"}}])
     common_args = ["--model", hf_dir, "--device", "cpu", "--batch-size", "8"]
+    (tmp_path / "words.txt").write_text("idiot\n")
+    lexicon = ["--scorer", "lexicon", "--scorer-path", str(tmp_path / "words.txt")]
     for task, extra in [("probe", ["--data", data, "--layer", "all"]),
                         ("zero-shot", ["--data", data]),
                         ("perplexity", ["--jsonl", data]),
                         ("steer", ["--data", data, "--prompts", prompts, "--alphas", "0,5", "--num-samples", "2",
-                                   "--max-new-tokens", "3", "--top-k-heads", "2", "--bootstrap", "20"]),
+                                   "--max-new-tokens", "3", "--top-k-heads", "2", "--bootstrap", "20", *lexicon]),
                         ("safe-beam", ["--prompts", prompts, "--harm-tag", fx.HARM_TAG, "--max-new-tokens", "4",
-                                       "--bootstrap", "20"])]:
+                                       "--bootstrap", "20", *lexicon])]:
         out = tmp_path / task
         assert eval_main([task, *common_args, "--output-dir", str(out), *extra]) == 0, task
         res = json.loads((out / "results.json").read_text())
