@@ -548,3 +548,25 @@ def test_results_writer_is_atomic_and_renders_a_table(tmp_path):
     assert md[2:4] == ["| a | b | ci |", "|---|---|---|"]
     assert md[4] == "| 1 | 0.1235 | [0.1, 0.2] |"
     assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+
+
+def test_suite_runs_every_evaluation_and_returns_one_row(tok, tmp_path):
+    from megatron_slung.eval import evaluate_suite
+
+    model = fx.bag_of_words_llama(tok)
+    texts, labels = steering_data(40)
+    lab = write_jsonl(tmp_path / "lab.jsonl", [{"text": t, "label": int(y)} for t, y in zip(texts, labels)])
+    clean = write_jsonl(tmp_path / "clean.jsonl", [{"text": t} for t, y in zip(texts, labels) if y == 0])
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": {"text": "you are"}}, {"prompt": "hello you idiot"}])
+    words = tmp_path / "w.txt"
+    words.write_text("\n".join(fx.TOXIC_WORDS))
+    row = evaluate_suite(model, tok, output_dir=str(tmp_path / "out"), clean_jsonl=clean, labelled_jsonl=lab,
+                         prompts_jsonl=prompts, scorer="lexicon", scorer_path=str(words), alphas=(0, 2),
+                         sampling=generation.SamplingConfig(num_samples=4, max_new_tokens=3, top_k=0), bootstrap=20,
+                         top_k_heads=1)
+    for key in ("perplexity", "probe_f1", "probe_auroc", "zero_shot_f1", "expected_max_toxicity",
+                "toxicity_probability", "steer_toxicity_drop", "steer_perplexity_increase"):
+        assert key in row and row[key] is not None, key
+    assert row["steer_toxicity_drop"] > 0
+    for task in ("perplexity", "probe", "zero-shot", "generate-toxicity", "steer"):
+        assert os.path.isfile(tmp_path / "out" / task / "results.json"), task

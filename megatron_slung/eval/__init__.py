@@ -22,6 +22,7 @@ from megatron_slung.eval.perplexity import evaluate_perplexity
 from megatron_slung.eval.probe import evaluate_probe, last_token_hidden_states
 from megatron_slung.eval.safe_beam import evaluate_safe_beam
 from megatron_slung.eval.scorers import build_scorer
+from megatron_slung.eval.suite import evaluate_suite
 from megatron_slung.eval.steer import Intervention, evaluate_steering, fit_intervention, head_activations, steering
 from megatron_slung.eval.toxicity import evaluate_generation_toxicity, toxicity_metrics
 from megatron_slung.eval.zero_shot import evaluate_zero_shot
@@ -31,5 +32,5 @@ __all__ = [
     "Generations", "SamplingConfig", "beam_search", "sample",
     "evaluate_perplexity", "evaluate_probe", "last_token_hidden_states", "evaluate_safe_beam", "build_scorer",
     "Intervention", "evaluate_steering", "fit_intervention", "head_activations", "steering",
-    "evaluate_generation_toxicity", "toxicity_metrics", "evaluate_zero_shot",
+    "evaluate_generation_toxicity", "toxicity_metrics", "evaluate_zero_shot", "evaluate_suite",
 ]

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         start = time.time()
         model, tokenizer = common.load_model(args.model, device=args.device, dtype=args.dtype)
         results, rows = _module(args.task).run(args, model, tokenizer)
-    except (common.EvalInputError, FileNotFoundError, ValueError) as e:
+    except (common.EvalInputError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = {"model": args.model, **results, "seed": args.seed, "seconds": round(time.time() - start, 2)}
