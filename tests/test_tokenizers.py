@@ -21,7 +21,7 @@ from tests.data_tools_fixtures import (  # noqa: F401  (fixtures)
 )
 
 TRICKY = MULTIBYTE_TEXTS + ["lead", " lead", "trail ", "   ", "x" * 300, "a\u2581b \u2581 c", "<|endoftext|> literal",
-                            "1234567 89", "e\u0301t\u00e9", "ﬁ Ａ ½"]
+                            "1234567 89", "e\u0301t\u00e9", "ﬁ Ａ ½", "abc \x00abc", " \x00abc x", "  x  y  "]
 
 
 def test_pad_vocab_size():
@@ -50,13 +50,13 @@ def test_byte_char_offset_conversion():
 def test_sentencepiece_specials(sp_model):
     tok = build_tokenizer("SentencePieceTokenizer", sp_model)
     assert tok.vocab_size == 1200
-    assert tok.eod == tok.token_to_id("<|endoftext|>") == 3
-    assert tok.pad == tok.token_to_id("<|pad|>") == 4
-    assert tok.token_to_id("<|potentially_unsafe|>") == 5
+    assert tok.eod == tok.token_to_id("<|endoftext|>") == 2
+    assert tok.pad == tok.token_to_id("<|pad|>") == 3
+    assert tok.token_to_id("<|potentially_unsafe|>") == 4
     assert tok.token_to_id("no-such-piece-xyz") is None
     # Special tokens are control symbols: literal text can never produce them.
     ids = tok.tokenize("<|endoftext|> and <|potentially_unsafe|>")
-    assert not {3, 4, 5} & set(ids)
+    assert not {2, 3, 4} & set(ids)
     assert tok.detokenize(ids) == "<|endoftext|> and <|potentially_unsafe|>"
 
 
@@ -145,7 +145,7 @@ def test_sentencepiece_offsets_multibyte(sp_model, corpus_records):
     # the leading byte pieces of a split character an empty span.
     plain = SentencePieceTokenizer(sp_model, word_cache=False)
     for text, (ids, offs), (ids2, offs2) in zip(texts, tok.tokenize_batch_with_offsets(texts),
-                                                 plain._sp_char_offsets(texts)):
+                                                 plain._sp_offsets(texts, in_bytes=False)):
         assert np.array_equal(ids, ids2)
         for tid, a, b in zip(ids.tolist(), offs.tolist(), offs2.tolist()):
             if not tok.sp.is_byte(tid):

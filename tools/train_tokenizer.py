@@ -11,8 +11,9 @@ The model is lossless (identity normalisation, whitespace kept, unknown characte
 so ``detokenize(tokenize(text)) == text`` and character offsets are exact. It has three special tokens,
 each a single piece that ordinary text can never produce (SentencePiece control symbols): the
 end-of-document ``<|endoftext|>`` (the tokenizer's ``eod``), the padding ``<|pad|>`` and the harmfulness
-tag ``<|potentially_unsafe|>`` (``--harm-tag``), plus any ``--special-tokens``. Ids: 0 <unk>, 1 <s>,
-2 </s>, then the special tokens in that order.
+tag ``<|potentially_unsafe|>`` (``--harm-tag``), plus any ``--special-tokens``. Ids: 0 ``<unk>``, 1 ``<s>``,
+2 ``<|endoftext|>`` (it is the model's EOS, so Megatron-LM, which takes EOS as end-of-document, agrees),
+3 ``<|pad|>`` (the model's pad), 4 the harmfulness tag, then the other special tokens.
 
 Deterministic: the same input and flags give the same model bytes (sentences are sampled with a
 seeded RNG; training uses one thread unless --threads says otherwise).
@@ -115,9 +116,11 @@ def train(args) -> dict:
     import sentencepiece as spm
 
     files = expand_inputs(args.input)
-    specials = []
-    for tok in [args.eod_token, args.pad_token, args.harm_tag, *args.special_tokens]:
-        if tok and tok not in specials:
+    if not args.eod_token or not args.pad_token or args.eod_token == args.pad_token:
+        raise ValueError("--eod-token and --pad-token must be two different, non-empty tokens")
+    specials = []  # control symbols after SentencePiece's own unk/bos/eos/pad
+    for tok in [args.harm_tag, *args.special_tokens]:
+        if tok and tok not in specials and tok not in (args.eod_token, args.pad_token):
             specials.append(tok)
     start = time.time()
     sentences, seen = sample_sentences(iter_sentences(files, args.input_format, args.json_keys),
@@ -136,6 +139,11 @@ def train(args) -> dict:
         vocab_size=args.vocab_size,
         model_type=args.model_type,
         character_coverage=args.character_coverage,
+        # The end-of-document token *is* the model's EOS and <|pad|> its pad piece, so any reader that
+        # takes eos_id as end-of-document (Megatron-LM's SentencePieceTokenizer does) agrees with ours.
+        eos_piece=args.eod_token,
+        pad_id=3,
+        pad_piece=args.pad_token,
         control_symbols=specials,
         byte_fallback=True,
         normalization_rule_name="identity",
@@ -159,8 +167,9 @@ def train(args) -> dict:
     with atomic_output(args.output_prefix + ".model") as tmp, open(tmp, "wb") as f:
         f.write(model.getvalue())
 
+    named = [args.eod_token, args.pad_token, *specials]
     info = {"model": args.output_prefix + ".model", "vocab_size": sp.get_piece_size(),
-            "special_tokens": {t: sp.piece_to_id(t) for t in specials}, "seconds": time.time() - start}
+            "special_tokens": {t: sp.piece_to_id(t) for t in named}, "seconds": time.time() - start}
     return info
 
 

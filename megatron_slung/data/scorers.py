@@ -68,8 +68,11 @@ class HFClassifierScorer:
         self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
         self.device = device
         self.batch_size = batch_size
-        self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
         config = self.model.config
+        # The shortest of: the caller's limit, the tokenizer's, the model's position table.
+        limits = [max_length, getattr(self.tokenizer, "model_max_length", None),
+                  getattr(config, "max_position_embeddings", None)]
+        self.max_length = min(int(x) for x in limits if x)
         self.num_labels = config.num_labels
         self.multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
         self.label_index = self._pick_label(label, config)

@@ -34,7 +34,7 @@ UNITS = ("sentence", "document", "given")
 _SENTENCE_END = re.compile(
     r"[.!?\u2026]+[\"'\u201d\u2019)\]}\u00bb]*(?=\s|$)"  # . ! ? … (then closing quotes/brackets) before a space
     r"|[\u3002\uff01\uff1f]+[\"'\u201d\u2019\u300d\u300f)\]]*"  # 。！？ need no space after them
-    r"|\n"  # a line break always ends a sentence
+    r"|(?P<newline>\n)"  # a line break always ends a sentence (and starts the next one)
 )
 
 
@@ -51,7 +51,7 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
     n = len(text)
     if n == 0:
         return []
-    cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
+    cuts = [m.start() if m.group("newline") else m.end() for m in _SENTENCE_END.finditer(text)]
     spans, start = [], 0
     for cut in cuts:
         if cut <= start or cut >= n:
