@@ -1,0 +1,566 @@
+"""The GPT decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention; tensor- and sequence-parallel.
+
+The math is exactly Hugging Face's ``LlamaForCausalLM`` (so an export is a rename plus splitting of
+fused matrices; ``megatron_slung.model.hf_llama`` does it):
+
+* RMSNorm: ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)``, computed in float32;
+* RoPE, "rotate-half" convention: ``inv_freq = 1 / base^(arange(0, d, 2) / d)``, angles
+  ``pos * inv_freq`` concatenated twice, ``q' = q cos + rotate_half(q) sin`` with
+  ``rotate_half([a, b]) = [-b, a]`` (halves of the head dimension), cos/sin made in float32 then cast;
+* attention: causal ``scaled_dot_product_attention`` with scale ``1/sqrt(head_dim)``; query head h
+  reads key/value group ``h // (heads / groups)``;
+* MLP: ``down(silu(gate(x)) * up(x))``; no biases anywhere; pre-norm residual blocks; final norm.
+
+Layout inside the model is [sequence, batch, hidden] (Megatron's), so that sequence parallelism
+splits one contiguous block per TP rank. ``GPTModel.forward`` takes tokens [batch, seq] and returns
+logits [batch, seq, vocab / tp] (this rank's vocabulary shard).
+
+Parameter names (the same at every TP size; shapes are per TP rank, ``tp`` = TP size, ``d`` = head
+dim, ``nh`` heads, ``ng`` query groups, ``F`` = ffn_hidden_size; Megatron-core's names):
+
+    embedding.word_embeddings.weight                [V/tp, H]         vocab rows, rank r: [r V/tp, (r+1) V/tp)
+    decoder.layers.{i}.input_layernorm.weight       [H]               replicated
+    decoder.layers.{i}.self_attention.linear_qkv.weight
+                                                    [(nh+2ng) d/tp, H]  rows [q_r; k_r; v_r]: rank r's slice of
+                                                                      each of Q [nh d, H], K [ng d, H], V [ng d, H]
+    decoder.layers.{i}.self_attention.linear_proj.weight   [H, nh d/tp]  columns split
+    decoder.layers.{i}.pre_mlp_layernorm.weight     [H]               replicated
+    decoder.layers.{i}.mlp.linear_fc1.weight        [2F/tp, H]        rows [gate_r; up_r]
+    decoder.layers.{i}.mlp.linear_fc2.weight        [H, F/tp]         columns split
+    decoder.final_layernorm.weight                  [H]               replicated
+    output_layer.weight                             [V/tp, H]         only when untied
+
+Note the QKV layout is per-part blocks, NOT Megatron-core's per-group interleaving: Megatron-LM
+checkpoints need their QKV rows reordered before loading. Hugging Face Llama names (TP=1 tensors):
+
+    embedding.word_embeddings.weight                  -> model.embed_tokens.weight
+    decoder.layers.{i}.input_layernorm.weight         -> model.layers.{i}.input_layernorm.weight
+    decoder.layers.{i}.self_attention.linear_qkv.weight  = cat([q_proj, k_proj, v_proj]) of
+                                                         model.layers.{i}.self_attn.{q,k,v}_proj.weight
+    decoder.layers.{i}.self_attention.linear_proj.weight -> model.layers.{i}.self_attn.o_proj.weight
+    decoder.layers.{i}.pre_mlp_layernorm.weight       -> model.layers.{i}.post_attention_layernorm.weight
+    decoder.layers.{i}.mlp.linear_fc1.weight           = cat([gate_proj, up_proj]) of model.layers.{i}.mlp.*
+    decoder.layers.{i}.mlp.linear_fc2.weight          -> model.layers.{i}.mlp.down_proj.weight
+    decoder.final_layernorm.weight                    -> model.norm.weight
+    output_layer.weight (untied) / the embedding (tied) -> lm_head.weight
+
+Initialisation (Megatron's): every matrix ~ N(0, init_method_std), except the two output projections
+of each layer (``linear_proj``, ``linear_fc2``) ~ N(0, init_method_std / sqrt(2 num_layers)); norm
+weights 1. Each parameter is drawn from its own generator seeded by ``(init_seed, parameter name)``,
+so the model is identical for every TP/PP layout and build order.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_slung.parallel import state
+from megatron_slung.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    merge_tensor_parallel_shards,
+    split_for_tensor_parallel,
+    tensor_parallel_input,
+)
+from megatron_slung.parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron_slung.parallel.random import checkpoint, get_rng_tracker
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(kw_only=True)
+class GPTConfig:
+    """Architecture of the decoder (Megatron's flag names, without dashes)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int  # already padded (see pad_vocab_size)
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
+    num_query_groups: Optional[int] = None  # GQA key/value heads; default = num_attention_heads
+    kv_channels: Optional[int] = None  # head dimension; default hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    init_seed: int = 1234
+    untie_embeddings_and_output_weights: bool = False  # False: the output layer reuses the embedding
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    sequence_parallel: bool = False
+    recompute_activations: bool = False  # recompute each whole transformer layer in the backward
+    params_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if isinstance(self.params_dtype, str):
+            self.params_dtype = _parse_dtype(self.params_dtype)
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "ffn_hidden_size",
+                     "num_query_groups", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive integer, got {value!r}")
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"GPTConfig: hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); set kv_channels explicitly"
+                )
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.kv_channels % 2 != 0:
+            raise ValueError(f"GPTConfig: the head dimension ({self.kv_channels}) must be even for RoPE")
+        if self.num_attention_heads % self.num_query_groups != 0:
+            raise ValueError(
+                f"GPTConfig: num_attention_heads ({self.num_attention_heads}) is not divisible by "
+                f"num_query_groups ({self.num_query_groups})"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"GPTConfig: {name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    def validate_parallel(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                          seq_length: Optional[int] = None) -> None:
+        """Raise a clear error when this model cannot be split this way."""
+        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        checks = [
+            (self.num_attention_heads, tp, "num-attention-heads", "tensor-model-parallel-size"),
+            (self.num_query_groups, tp, "num-query-groups", "tensor-model-parallel-size"),
+            (self.ffn_hidden_size, tp, "ffn-hidden-size", "tensor-model-parallel-size"),
+            (self.vocab_size, tp, "padded vocabulary size", "tensor-model-parallel-size"),
+            (self.num_layers, pp, "num-layers", "pipeline-model-parallel-size"),
+        ]
+        if self.sequence_parallel and seq_length is not None:
+            checks.append((seq_length, tp, "seq-length (with --sequence-parallel)", "tensor-model-parallel-size"))
+        for value, by, what, by_what in checks:
+            if value % by != 0:
+                raise ValueError(f"{what} ({value}) is not divisible by {by_what} ({by})")
+        if seq_length is not None and seq_length > self.max_position_embeddings:
+            raise ValueError(
+                f"seq-length ({seq_length}) is larger than max-position-embeddings ({self.max_position_embeddings})"
+            )
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameters of the whole model (all TP/PP ranks together; a tied matrix counted once)."""
+        h, d, f = self.hidden_size, self.head_dim, self.ffn_hidden_size
+        attn = h * (self.num_attention_heads + 2 * self.num_query_groups) * d + self.num_attention_heads * d * h
+        layer = attn + 3 * h * f + 2 * h
+        total = self.num_layers * layer + h  # + final norm
+        if include_embeddings:
+            total += self.vocab_size * h * (2 if self.untie_embeddings_and_output_weights else 1)
+        return total
+
+    def to_dict(self) -> dict:
+        """JSON-friendly (the dtype as its name)."""
+        out = asdict(self)
+        out["params_dtype"] = str(self.params_dtype).replace("torch.", "")
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown fields {sorted(unknown)}")
+        return cls(**values)
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    key = name.replace("torch.", "")
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}.get(key, key)
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (use one of {', '.join(_DTYPES)})")
+    return _DTYPES[key]
+
+
+def pad_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128) -> int:
+    """Megatron's padding: round the vocabulary up to a multiple of ``divisible_by * tp``."""
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def flops_per_token(config: GPTConfig, seq_length: int, training: bool = True) -> float:
+    """Model FLOPs per token (for MFU), Megatron-LM's ``num_floating_point_operations`` accounting.
+
+    Forward = 2 x (parameters used in matmuls) + attention, per token:
+
+        matmul params N = L [H (nh + 2 ng) d  +  nh d H  +  3 H F]  +  V H      (QKV, out-proj, SwiGLU, logits)
+        attention       = 2 x 2 L S nh d            (Q K^T and A V over the full S x S, as PaLM counts it:
+                                                     the causal mask is not halved away)
+
+    Training = 3 x forward (forward, backward data-grad, backward weight-grad):
+    ``6 N + 12 L S nh d``, PaLM's "6N + 12 L H Q T" with N the matmul parameters (the output layer
+    included, the embedding lookup not). Recomputation is not counted (model FLOPs, not hardware FLOPs).
+    """
+    c = config
+    h, d, L = c.hidden_size, c.head_dim, c.num_layers
+    matmul_params = L * (h * (c.num_attention_heads + 2 * c.num_query_groups) * d
+                         + c.num_attention_heads * d * h + 3 * h * c.ffn_hidden_size) + c.vocab_size * h
+    forward = 2 * matmul_params + 4 * L * seq_length * c.num_attention_heads * d
+    return float(3 * forward if training else forward)
+
+
+# --------------------------------------------------------------------------- init
+def _param_seed(init_seed: int, name: str) -> int:
+    return (int(init_seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def normal_init(std: float, init_seed: int, name: str) -> Callable[[torch.Tensor], None]:
+    """Fill a (master) tensor from N(0, std) with a generator of its own, seeded by (init_seed, name)."""
+
+    def init(tensor: torch.Tensor) -> None:
+        gen = torch.Generator(device="cpu").manual_seed(_param_seed(init_seed, name))
+        with torch.no_grad():
+            tensor.normal_(0.0, std, generator=gen)
+
+    return init
+
+
+def _output_std(config: GPTConfig) -> float:
+    return config.init_method_std / math.sqrt(2.0 * config.num_layers)
+
+
+# --------------------------------------------------------------------------- blocks
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm. With sequence parallelism each TP rank sees 1/tp of the tokens, so the
+    weight's gradient is partial: it is summed over the TP group (``copy_to`` on the weight)."""
+
+    def __init__(self, hidden_size: int, eps: float, *, sequence_parallel: bool = False,
+                 params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.eps = eps
+        self.sequence_parallel = sequence_parallel
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype, device=device))
+        self.weight.sequence_parallel = sequence_parallel  # Megatron's attribute, for tools that look
+        # DeepSpeed counts a parameter in the gradient norm where `model_parallel` (or
+        # `tensor_model_parallel`) is set, or on model-parallel rank 0. Replicated over TP, this
+        # weight must count once per pipeline stage: on TP rank 0 (DeepSpeed's fp32 clipping would
+        # otherwise drop it on every stage but the first).
+        self.weight.model_parallel = state.get_tensor_model_parallel_rank() == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tensor_model_parallel_region(self.weight) if self.sequence_parallel else self.weight
+        x32 = x.to(torch.float32)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [*positions.shape, head_dim] in float32 (Hugging Face's default RoPE, bit for bit)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [S, B, heads, d]; cos/sin broadcastable to it (float32, cast to x's dtype like HF)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def rope_for(seq_length: int, batch: int, config: GPTConfig, device, position_ids: Optional[torch.Tensor] = None):
+    """cos/sin shaped [S, 1, 1, d] (default positions 0..S-1) or [S, B, 1, d] (position_ids [B, S])."""
+    if position_ids is None:
+        positions = torch.arange(seq_length, device=device)
+        cos, sin = rope_cos_sin(positions, config.head_dim, config.rotary_base)
+        return cos[:, None, None, :], sin[:, None, None, :]
+    if position_ids.shape != (batch, seq_length):
+        raise ValueError(f"position_ids must be [batch, seq] = [{batch}, {seq_length}], got {tuple(position_ids.shape)}")
+    cos, sin = rope_cos_sin(position_ids.t(), config.head_dim, config.rotary_base)
+    return cos[:, :, None, :], sin[:, :, None, :]
+
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+class SelfAttention(nn.Module):
+    """Causal grouped-query self-attention; heads and query groups split across TP ranks."""
+
+    def __init__(self, config: GPTConfig, layer_number: int):
+        super().__init__()
+        tp = state.get_tensor_model_parallel_world_size()
+        c = config
+        self.config = c
+        self.heads_per_rank = c.num_attention_heads // tp
+        self.groups_per_rank = c.num_query_groups // tp
+        d = c.head_dim
+        prefix = f"decoder.layers.{layer_number}.self_attention"
+        self.linear_qkv = ColumnParallelLinear(
+            c.hidden_size, (c.num_attention_heads + 2 * c.num_query_groups) * d,
+            init_method=normal_init(c.init_method_std, c.init_seed, f"{prefix}.linear_qkv.weight"),
+            sequence_parallel=c.sequence_parallel,
+            output_parts=[c.num_attention_heads * d, c.num_query_groups * d, c.num_query_groups * d],
+            params_dtype=c.params_dtype,
+        )
+        self.linear_proj = RowParallelLinear(
+            c.num_attention_heads * d, c.hidden_size,
+            init_method=normal_init(_output_std(c), c.init_seed, f"{prefix}.linear_proj.weight"),
+            sequence_parallel=c.sequence_parallel,
+            params_dtype=c.params_dtype,
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        d = self.config.head_dim
+        qkv = self.linear_qkv(x)  # [S, B, (nh + 2 ng) d / tp]
+        s, b = qkv.shape[:2]
+        q, k, v = qkv.split([self.heads_per_rank * d, self.groups_per_rank * d, self.groups_per_rank * d], dim=-1)
+        q = apply_rope(q.view(s, b, self.heads_per_rank, d), cos, sin)
+        k = apply_rope(k.view(s, b, self.groups_per_rank, d), cos, sin)
+        v = v.view(s, b, self.groups_per_rank, d)
+        # SDPA wants [B, heads, S, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        n_rep = self.heads_per_rank // self.groups_per_rank
+        kwargs = {}
+        if n_rep > 1:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:  # older torch: materialise the shared key/value heads
+                k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        p = self.config.attention_dropout if self.training else 0.0
+        if p > 0.0:
+            # heads are split across TP ranks: each rank needs its own dropout mask
+            with get_rng_tracker().fork():
+                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, **kwargs)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * d)
+        return self.linear_proj(ctx)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``fc2(silu(gate) * up)`` with [gate; up] fused in one column-parallel matrix."""
+
+    def __init__(self, config: GPTConfig, layer_number: int):
+        super().__init__()
+        c = config
+        prefix = f"decoder.layers.{layer_number}.mlp"
+        self.linear_fc1 = ColumnParallelLinear(
+            c.hidden_size, 2 * c.ffn_hidden_size,
+            init_method=normal_init(c.init_method_std, c.init_seed, f"{prefix}.linear_fc1.weight"),
+            sequence_parallel=c.sequence_parallel,
+            output_parts=[c.ffn_hidden_size, c.ffn_hidden_size],
+            params_dtype=c.params_dtype,
+        )
+        self.linear_fc2 = RowParallelLinear(
+            c.ffn_hidden_size, c.hidden_size,
+            init_method=normal_init(_output_std(c), c.init_seed, f"{prefix}.linear_fc2.weight"),
+            sequence_parallel=c.sequence_parallel,
+            params_dtype=c.params_dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+def _hidden_dropout(x: torch.Tensor, p: float, training: bool, sequence_parallel: bool) -> torch.Tensor:
+    if p == 0.0 or not training:
+        return x
+    if sequence_parallel:  # each rank holds different tokens: different masks
+        with get_rng_tracker().fork():
+            return F.dropout(x, p, True)
+    return F.dropout(x, p, True)  # replicated activations: same mask on every TP rank
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    ``forward(hidden, cos=None, sin=None)``: hidden [S, B, H] ([S/tp, B, H] with sequence
+    parallelism); cos/sin from ``rope_for`` (computed here for positions 0..S-1 when omitted).
+    With ``recompute_activations`` only the layer's input is kept; the rest is recomputed in backward.
+    """
+
+    def __init__(self, config: GPTConfig, layer_number: int):
+        super().__init__()
+        c = config
+        self.config = c
+        self.layer_number = layer_number
+        norm_kwargs = dict(sequence_parallel=c.sequence_parallel, params_dtype=c.params_dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_epsilon, **norm_kwargs)
+        self.self_attention = SelfAttention(c, layer_number)
+        self.pre_mlp_layernorm = RMSNorm(c.hidden_size, c.norm_epsilon, **norm_kwargs)
+        self.mlp = MLP(c, layer_number)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = x + _hidden_dropout(self.self_attention(self.input_layernorm(x), cos, sin),
+                                c.hidden_dropout, self.training, c.sequence_parallel)
+        x = x + _hidden_dropout(self.mlp(self.pre_mlp_layernorm(x)), c.hidden_dropout, self.training, c.sequence_parallel)
+        return x
+
+    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None):
+        if cos is None:
+            tp = state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+            cos, sin = rope_for(x.shape[0] * tp, x.shape[1], self.config, x.device)
+        if self.config.recompute_activations and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin)
+        return self._forward(x, cos, sin)
+
+
+class Embedding(nn.Module):
+    """Token embedding: tokens [B, S] -> [S, B, H] (or [S/tp, B, H] with sequence parallelism)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.word_embeddings = VocabParallelEmbedding(
+            c.vocab_size, c.hidden_size,
+            init_method=normal_init(c.init_method_std, c.init_seed, "embedding.word_embeddings.weight"),
+            sequence_parallel=c.sequence_parallel,
+            params_dtype=c.params_dtype,
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        x = self.word_embeddings(tokens.t())  # [S, B, H]; reduce(-scatter)ed over TP
+        return _hidden_dropout(x, self.config.hidden_dropout, self.training, self.config.sequence_parallel)
+
+
+def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Hidden [S, B, H] ([S/tp, B, H] with SP) and this rank's vocab rows [V/tp, H] -> logits [B, S, V/tp]."""
+    x = lm_head_input(hidden, sequence_parallel)
+    return F.linear(x, weight)
+
+
+def lm_head_input(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """The input of the vocab-parallel head, [B, S, H]: full sequence, replicated over TP, and its
+    gradient summed over the TP group (each rank's vocabulary shard contributes a part)."""
+    return tensor_parallel_input(hidden, sequence_parallel).transpose(0, 1)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: GPTConfig, layer_numbers=None):
+        super().__init__()
+        numbers = range(config.num_layers) if layer_numbers is None else layer_numbers
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in numbers)
+        self.final_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon,
+                                       sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype)
+
+
+def output_layer(config: GPTConfig) -> ColumnParallelLinear:
+    """The untied output matrix [V/tp, H] (used as a weight holder; the head goes through vocab_parallel_logits)."""
+    return ColumnParallelLinear(
+        config.hidden_size, config.vocab_size,
+        init_method=normal_init(config.init_method_std, config.init_seed, "output_layer.weight"),
+        sequence_parallel=config.sequence_parallel,
+        params_dtype=config.params_dtype,
+    )
+
+
+# --------------------------------------------------------------------------- the model
+class GPTModel(nn.Module):
+    """The whole decoder on one pipeline stage (for pipelines see ``megatron_slung.model.pipeline``).
+
+    Build it after ``initialize_model_parallel`` when TP > 1 (it reads the TP size and rank).
+    Move it to the GPU with ``.to(device)`` after construction (weights are made on the CPU).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate_parallel(state.get_tensor_model_parallel_world_size())
+        self.config = config
+        self.embedding = Embedding(config)
+        self.decoder = TransformerBlock(config)
+        self.output_layer = output_layer(config) if config.untie_embeddings_and_output_weights else None
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's rows of the output matrix [V/tp, H] (the embedding's when tied)."""
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *, return_hidden: bool = False):
+        """tokens [B, S] -> logits [B, S, V/tp] (fp32 when the model is fp32; the vocab shard of this TP rank).
+
+        With ``return_hidden=True`` returns ``(hidden [B, S, H], weight [V/tp, H])`` instead, where
+        ``logits = hidden @ weight.T``: hidden is after the final norm and already the input of the
+        vocab-parallel head (full sequence, gradient summed over TP), for a fused linear + loss that
+        never materialises the logits.
+        """
+        b, s = tokens.shape
+        c = self.config
+        cos, sin = rope_for(s, b, c, tokens.device, position_ids)
+        x = self.embedding(tokens)
+        for layer in self.decoder.layers:
+            x = layer(x, cos, sin)
+        x = self.decoder.final_layernorm(x)
+        if return_hidden:
+            return lm_head_input(x, c.sequence_parallel), self.output_weight()
+        return vocab_parallel_logits(x, self.output_weight(), c.sequence_parallel)
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameters of the full model (all TP ranks), from the config."""
+        return self.config.num_parameters(include_embeddings)
+
+
+# --------------------------------------------------------------------------- TP state dicts
+def tensor_parallel_layout(config: GPTConfig) -> Dict[str, Tuple[Optional[int], Optional[Tuple[int, ...]]]]:
+    """For every parameter name of ``GPTModel``: (partition dim or None if replicated, parts or None)."""
+    c, d = config, config.head_dim
+    layout: Dict[str, Tuple[Optional[int], Optional[Tuple[int, ...]]]] = {
+        "embedding.word_embeddings.weight": (0, None),
+        "decoder.final_layernorm.weight": (None, None),
+    }
+    for i in range(c.num_layers):
+        p = f"decoder.layers.{i}."
+        layout[p + "input_layernorm.weight"] = (None, None)
+        layout[p + "self_attention.linear_qkv.weight"] = (
+            0, (c.num_attention_heads * d, c.num_query_groups * d, c.num_query_groups * d))
+        layout[p + "self_attention.linear_proj.weight"] = (1, None)
+        layout[p + "pre_mlp_layernorm.weight"] = (None, None)
+        layout[p + "mlp.linear_fc1.weight"] = (0, (c.ffn_hidden_size, c.ffn_hidden_size))
+        layout[p + "mlp.linear_fc2.weight"] = (1, None)
+    if c.untie_embeddings_and_output_weights:
+        layout["output_layer.weight"] = (0, None)
+    return layout
+
+
+def merge_tensor_parallel_state_dicts(state_dicts, config: GPTConfig) -> Dict[str, torch.Tensor]:
+    """The TP=1 state dict from the TP ranks' ``GPTModel`` state dicts (in TP-rank order)."""
+    layout = tensor_parallel_layout(config)
+    names = set(state_dicts[0])
+    if names != set(layout):
+        raise ValueError(f"state dict names do not match the config: missing {sorted(set(layout) - names)}, "
+                         f"unexpected {sorted(names - set(layout))}")
+    merged = {}
+    for name, (dim, parts) in layout.items():
+        shards = [sd[name] for sd in state_dicts]
+        merged[name] = shards[0].clone() if dim is None else merge_tensor_parallel_shards(shards, dim, parts)
+    return merged
+
+
+def split_state_dict_for_tensor_parallel(full: Dict[str, torch.Tensor], config: GPTConfig, tp_size: int,
+                                         tp_rank: int) -> Dict[str, torch.Tensor]:
+    """Rank ``tp_rank``'s ``GPTModel`` state dict from a TP=1 state dict."""
+    config.validate_parallel(tp_size)
+    layout = tensor_parallel_layout(config)
+    missing = set(layout) - set(full)
+    if missing:
+        raise ValueError(f"state dict lacks {sorted(missing)}")
+    return {
+        name: full[name].clone() if dim is None else split_for_tensor_parallel(full[name], tp_size, tp_rank, dim, parts).clone()
+        for name, (dim, parts) in layout.items()
+    }

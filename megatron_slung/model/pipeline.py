@@ -1,0 +1,293 @@
+"""The GPT model as a DeepSpeed ``PipelineModule``, and the risk-aware loss at its end.
+
+Layer list (one entry per pipeline "layer"; DeepSpeed's checkpoint files ``layer_XX-...`` use these
+indices), for L transformer layers:
+
+    0        EmbeddingPipe           tokens [B, S] -> hidden [S, B, H]   ("embedding." in GPTModel)
+    1..L     TransformerLayer i-1    hidden -> hidden                   ("decoder.layers.{i-1}.")
+    L+1      FinalNormPipe           hidden -> hidden                   ("decoder.final_layernorm.")
+    L+2      OutputLayerPipe         hidden -> logits [B, S, V/tp]      ("output_layer.", untied)
+             or the tied embedding (same module as layer 0, key "embed"), with forward_fn = the head
+
+Between stages travels one tensor, hidden [S, B, H] ([S/tp, B, H] with sequence parallelism).
+Positions are always 0..S-1 in the pipeline. The weights equal ``GPTModel``'s for the same config
+(per-parameter seeded initialisation), at any PP/TP layout.
+
+The batch DeepSpeed reads from the data iterator is ``(tokens, (labels, risk))`` or
+``(tokens, (labels, risk, loss_mask))``: inputs go to the first stage, the label tuple to the last,
+where ``PipelineLoss`` computes the masked cross-entropy of the vocab-parallel logits.
+
+Loss scale (normalisation over the global batch). DeepSpeed divides each micro-batch's loss by the
+number of gradient-accumulation steps (GAS) before ``backward`` and averages gradients over the DP
+group; ``train_batch`` returns the mean of the micro-batch losses over micro-batches and DP ranks.
+So if each micro-batch returns ``loss_sum * scale`` with
+
+    scale = GAS * DP / N_global        (N_global = loss-carrying tokens in the whole global batch)
+
+the gradient is that of ``sum(per-token losses over the global batch) / N_global`` and the value
+``train_batch`` returns is exactly that loss. The trainer must set it before every ``train_batch``:
+``module.loss_fn.set_scale(loss_scale_for_global_batch(N_global, GAS, DP))`` (``N_global``: count the
+tokens of all its micro-batches, all-reduce over the DP group). Unset (``None``), each micro-batch is
+normalised by its own token count (fine for evaluation, wrong for training with masking).
+
+Activation checkpointing lives inside ``TransformerLayer`` (``config.recompute_activations``), so the
+PipelineModule itself uses ``activation_checkpoint_interval=0``.
+
+DeepSpeed settings that must go with it (see docs/model.md): with TP > 1 and sequence parallelism,
+``"pipeline": {"pipe_partitioned": false, "grad_partitioned": false}`` (DeepSpeed's partitioning of
+the activations across TP ranks assumes they are identical across TP ranks, which SP shards are not).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from megatron_slung.loss.policy import LossPolicy
+from megatron_slung.model.gpt import (
+    Embedding,
+    GPTConfig,
+    RMSNorm,
+    TransformerLayer,
+    normal_init,
+    vocab_parallel_logits,
+)
+from megatron_slung.parallel import state
+from megatron_slung.parallel.layers import ColumnParallelLinear
+from megatron_slung.parallel.mappings import gather_from_tensor_model_parallel_region
+
+TIED_EMBEDDING_KEY = "embed"
+
+
+# --------------------------------------------------------------------------- stage layers
+class EmbeddingPipe(Embedding):
+    """Layer 0: tokens [B, S] (or a 1-tuple of it) -> hidden [S, B, H]."""
+
+    def forward(self, inputs):
+        tokens = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        return super().forward(tokens)
+
+
+class FinalNormPipe(RMSNorm):
+    def __init__(self, config: GPTConfig):
+        super().__init__(config.hidden_size, config.norm_epsilon, sequence_parallel=config.sequence_parallel,
+                         params_dtype=config.params_dtype)
+
+
+class OutputLayerPipe(ColumnParallelLinear):
+    """The untied head: hidden [S, B, H] -> logits [B, S, V/tp] (same weight as GPTModel.output_layer)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(
+            config.hidden_size, config.vocab_size,
+            init_method=normal_init(config.init_method_std, config.init_seed, "output_layer.weight"),
+            sequence_parallel=config.sequence_parallel,
+            params_dtype=config.params_dtype,
+        )
+
+    def forward(self, hidden):
+        return vocab_parallel_logits(hidden, self.weight, self.sequence_parallel)
+
+
+def _tied_head(embedding: EmbeddingPipe, hidden):
+    return vocab_parallel_logits(hidden, embedding.word_embeddings.weight, embedding.config.sequence_parallel)
+
+
+def gpt_layer_specs(config: GPTConfig) -> list:
+    """The pipeline layer list (see the module docstring for the indices)."""
+    tied = not config.untie_embeddings_and_output_weights
+    specs: list = [
+        TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, config, tied_weight_attr=["word_embeddings.weight"])
+        if tied else LayerSpec(EmbeddingPipe, config)
+    ]
+    specs += [LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)]
+    specs.append(LayerSpec(FinalNormPipe, config))
+    if tied:
+        specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, config, forward_fn=_tied_head,
+                                   tied_weight_attr=["word_embeddings.weight"]))
+    else:
+        specs.append(LayerSpec(OutputLayerPipe, config))
+    return specs
+
+
+def pipeline_layer_prefixes(config: GPTConfig) -> List[Optional[str]]:
+    """For each pipeline layer index, the ``GPTModel`` name prefix of its parameters (None: no own
+    parameters, i.e. the tied head, whose weight is layer 0's). For checkpoint converters:
+    ``GPTModel name = prefix + name inside the layer file``."""
+    prefixes: List[Optional[str]] = ["embedding."]
+    prefixes += [f"decoder.layers.{i}." for i in range(config.num_layers)]
+    prefixes.append("decoder.final_layernorm.")
+    prefixes.append("output_layer." if config.untie_embeddings_and_output_weights else None)
+    return prefixes
+
+
+# --------------------------------------------------------------------------- the loss
+def loss_scale_for_global_batch(num_loss_tokens: int, gradient_accumulation_steps: int, data_parallel_size: int) -> float:
+    """``GAS * DP / N_global``: see the module docstring. An all-masked global batch gives 0 (no update)."""
+    n = int(num_loss_tokens)
+    return 0.0 if n == 0 else gradient_accumulation_steps * data_parallel_size / n
+
+
+def masked_cross_entropy_tp(logits2d: torch.Tensor, labels: torch.Tensor, risk: torch.Tensor, policy, **kwargs):
+    """The masked CE over vocab-parallel logits [N, V/tp].
+
+    Uses ``megatron_slung.loss.masked_cross_entropy`` (the kernel, vocab-parallel) when it exists;
+    until then the torch reference, which at TP > 1 first gathers the full logits (correct, but
+    with a [N, V] buffer per rank)."""
+    import megatron_slung.loss as loss_pkg
+
+    tp = state.get_tensor_model_parallel_world_size()
+    kernel = getattr(loss_pkg, "masked_cross_entropy", None)
+    if kernel is not None:
+        group = state.get_tensor_model_parallel_group() if tp > 1 else None
+        return kernel(logits2d, labels, risk, policy, tp_group=group, **kwargs)
+    if tp > 1:
+        logits2d = gather_from_tensor_model_parallel_region(logits2d)
+    return loss_pkg.masked_cross_entropy_reference(logits2d, labels, risk, policy, **kwargs)
+
+
+class PipelineLoss:
+    """DeepSpeed pipeline ``loss_fn(logits, labels)`` with risk levels riding along with the labels.
+
+    ``labels`` is ``(labels [B, S], risk [B, S] uint8)`` or ``(labels, risk, loss_mask)``; a zero in
+    ``loss_mask`` turns the label into ``ignore_index``. Returns ``loss_sum * scale`` (see
+    ``set_scale``). Statistics of every micro-batch since the last ``pop_stats()`` are summed here
+    (on the last pipeline stage only): ``loss_sum``, ``num_tokens``, ``level_count``, ``level_ce_sum``.
+    ``kwargs`` go to the masked CE (``label_smoothing``, ``z_loss``, ...).
+    """
+
+    def __init__(self, policy="ce", *, ignore_index: int = -100, **kwargs):
+        self.policy = LossPolicy.parse(policy)
+        self.ignore_index = ignore_index
+        self.kwargs = kwargs
+        self.scale: Optional[float] = None
+        self._reset_stats()
+        self.__name__ = "PipelineLoss"  # DeepSpeed prints loss_fn.__name__
+
+    def set_scale(self, scale: Optional[float]) -> None:
+        """Multiply each micro-batch's summed loss by ``scale`` (GAS * DP / N_global for training)."""
+        self.scale = None if scale is None else float(scale)
+
+    def _reset_stats(self):
+        self._stats = None
+
+    def pop_stats(self) -> Optional[dict]:
+        """Summed statistics since the last call (None when no micro-batch ran here), then reset."""
+        stats, self._stats = self._stats, None
+        return stats
+
+    def __call__(self, logits: torch.Tensor, labels):
+        if not isinstance(labels, (tuple, list)) or len(labels) not in (2, 3):
+            raise ValueError("PipelineLoss: labels must be (labels, risk) or (labels, risk, loss_mask)")
+        target, risk = labels[0], labels[1]
+        if len(labels) == 3 and labels[2] is not None:
+            target = target.masked_fill(labels[2] == 0, self.ignore_index)
+        if risk.dtype != torch.uint8:
+            risk = risk.to(torch.uint8)
+        vocab_shard = logits.shape[-1]
+        out = masked_cross_entropy_tp(
+            logits.reshape(-1, vocab_shard), target.reshape(-1), risk.reshape(-1), self.policy,
+            ignore_index=self.ignore_index, **self.kwargs,
+        )
+        self._accumulate(out)
+        if self.scale is None:
+            return out.loss_sum / out.num_tokens.clamp(min=1).to(out.loss_sum.dtype)
+        return out.loss_sum * self.scale
+
+    def _accumulate(self, out):
+        new = {
+            "loss_sum": out.loss_sum.detach().double(),
+            "num_tokens": out.num_tokens.detach().long(),
+            "level_count": out.level_count.detach().long(),
+            "level_ce_sum": out.level_ce_sum.detach().double(),
+        }
+        if self._stats is None:
+            self._stats = new
+        else:
+            for k, v in new.items():
+                self._stats[k] = self._stats[k] + v
+
+
+# --------------------------------------------------------------------------- the module
+class GPTPipelineModule(PipelineModule):
+    """``GPTModel`` split into pipeline stages for DeepSpeed's ``PipelineEngine``.
+
+    Build it after ``torch.distributed`` and ``initialize_model_parallel`` are set up, on every rank,
+    with the same ``ParallelDims``' topology (``topology=state.get_parallel_dims().deepspeed_topology()``,
+    the default). ``partition_method``: ``"uniform"`` (the same number of transformer layers per stage),
+    ``"parameters"`` (balance parameter counts; the embedding and head weigh in) or any of DeepSpeed's
+    (``"type:REGEX"``). ``loss_fn`` defaults to ``PipelineLoss(policy)``.
+    """
+
+    def __init__(self, config: GPTConfig, *, topology=None, loss_fn=None, policy="ce",
+                 partition_method: str = "uniform"):
+        dims = state.get_parallel_dims()
+        topology = topology or dims.deepspeed_topology()
+        config.validate_parallel(topology.get_dim("model"), topology.get_dim("pipe"))
+        if topology.get_dim("model") != state.get_tensor_model_parallel_world_size():
+            raise ValueError(
+                f"the topology's model-parallel size ({topology.get_dim('model')}) differs from the "
+                f"initialised tensor-model-parallel size ({state.get_tensor_model_parallel_world_size()})"
+            )
+        self.config = config
+        method = {"uniform": "type:TransformerLayer"}.get(partition_method, partition_method)
+        super().__init__(
+            layers=gpt_layer_specs(config),
+            topology=topology,
+            loss_fn=loss_fn if loss_fn is not None else PipelineLoss(policy),
+            partition_method=method,
+            activation_checkpoint_interval=0,  # recomputation happens inside TransformerLayer
+        )
+        # The tied embedding's copy on the last stage must not count twice in the gradient norm.
+        # DeepSpeed marks it `ds_pipe_replicated`, which its fp32 clipping ignores; without the
+        # tensor-parallel marks it counts only on model-parallel rank 0, which the last stage is not.
+        for comm in self.tied_comms.values():
+            if self.global_rank != comm["ranks"][0]:
+                for p in comm["module"].parameters():
+                    p.tensor_model_parallel = False
+                    p.model_parallel = False
+
+    def _count_layer_params(self):
+        # DeepSpeed's version builds every layer of the whole model on every rank just to count;
+        # the config knows the counts.
+        c = self.config
+        h, d = c.hidden_size, c.head_dim
+        layer = (h * (c.num_attention_heads + 2 * c.num_query_groups) * d + c.num_attention_heads * d * h
+                 + 3 * h * c.ffn_hidden_size + 2 * h)
+        return [c.vocab_size * h] + [layer] * c.num_layers + [h, c.vocab_size * h]
+
+    def _synchronize_tied_weights(self):
+        # DeepSpeed broadcasts the tied parameters in place; outside no_grad autograd records it.
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
+
+    def set_loss_scale(self, scale: Optional[float]) -> None:
+        self.loss_fn.set_scale(scale)
+
+    def model_state_dict(self) -> dict:
+        """This stage's parameters under their ``GPTModel`` names (this TP rank's shards)."""
+        prefixes = pipeline_layer_prefixes(self.config)
+        out = {}
+        for name, tensor in self.state_dict().items():
+            head, _, rest = name.partition(".")
+            if head == "tied_modules":
+                _key, _, rest = rest.partition(".")
+                out["embedding." + rest] = tensor
+            else:
+                out[prefixes[int(head)] + rest] = tensor
+        return out
+
+
+__all__ = [
+    "EmbeddingPipe",
+    "FinalNormPipe",
+    "OutputLayerPipe",
+    "GPTPipelineModule",
+    "PipelineLoss",
+    "gpt_layer_specs",
+    "pipeline_layer_prefixes",
+    "loss_scale_for_global_batch",
+    "masked_cross_entropy_tp",
+]

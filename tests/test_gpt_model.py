@@ -1,0 +1,175 @@
+"""The GPT model in one process: Hugging Face Llama parity, init, config checks, counts, FLOPs."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_slung.model import hf_llama
+from megatron_slung.model.gpt import (
+    GPTConfig,
+    GPTModel,
+    TransformerLayer,
+    flops_per_token,
+    merge_tensor_parallel_state_dicts,
+    pad_vocab_size,
+    split_state_dict_for_tensor_parallel,
+    tensor_parallel_layout,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _config(**overrides):
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=96,
+                vocab_size=128, max_position_embeddings=64, rotary_base=500000.0, norm_epsilon=1e-6)
+    base.update(overrides)
+    return GPTConfig(**base)
+
+
+def _hf_model(cfg, sd, dtype=torch.float32):
+    hf_cfg = hf_llama.hf_config_dict(cfg)
+    hf_cfg.pop("torch_dtype")
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).to(dtype).eval()
+    missing, unexpected = model.load_state_dict(hf_llama.to_hf_state_dict(sd, cfg), strict=False)
+    assert not unexpected
+    assert missing == ([] if cfg.untie_embeddings_and_output_weights else ["lm_head.weight"])
+    if not cfg.untie_embeddings_and_output_weights:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(untie_embeddings_and_output_weights=True),
+                                       dict(num_query_groups=8, kv_channels=16)], ids=["gqa_tied", "gqa_untied", "mha_kv16"])
+def test_logits_equal_hugging_face_llama(overrides):
+    cfg = _config(**overrides)
+    model = GPTModel(cfg).eval()
+    hf = _hf_model(cfg, model.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    positions = torch.randint(0, cfg.max_position_embeddings, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(tokens, positions), hf(tokens, position_ids=positions).logits, rtol=1e-5, atol=1e-5)
+        # the hidden-state path gives the same logits without making them inside the model
+        hidden, weight = model(tokens, return_hidden=True)
+        assert hidden.shape == (3, 17, cfg.hidden_size) and weight.shape == (cfg.vocab_size, cfg.hidden_size)
+        torch.testing.assert_close(hidden @ weight.t(), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_logits_close_to_hugging_face_in_bf16():
+    cfg = _config(params_dtype=torch.bfloat16)
+    model = GPTModel(cfg).eval()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    hf = _hf_model(cfg, model.state_dict(), torch.bfloat16)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_hf_round_trip_of_config_and_weights():
+    cfg = _config(untie_embeddings_and_output_weights=True)
+    sd = GPTModel(cfg).state_dict()
+    back = hf_llama.from_hf_state_dict(hf_llama.to_hf_state_dict(sd, cfg), cfg)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    cfg2 = hf_llama.config_from_hf(hf_llama.hf_config_dict(cfg))
+    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                  "kv_channels", "vocab_size", "max_position_embeddings", "rotary_base", "norm_epsilon",
+                  "untie_embeddings_and_output_weights"):
+        assert getattr(cfg2, field) == getattr(cfg, field), field
+    with pytest.raises(ValueError, match="RoPE scaling 'llama3' is not supported"):
+        hf_llama.config_from_hf({**hf_llama.hf_config_dict(cfg), "rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}})
+    with pytest.raises(ValueError, match="lacks model.layers.1.mlp.up_proj.weight"):
+        hf = hf_llama.to_hf_state_dict(sd, cfg)
+        del hf["model.layers.1.mlp.up_proj.weight"]
+        hf_llama.from_hf_state_dict(hf, cfg)
+
+
+def test_initialisation_is_seeded_per_parameter_and_scaled_for_output_projections():
+    cfg = _config(num_layers=4, hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, init_seed=3)
+    model = GPTModel(cfg)
+    again = GPTModel(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # a layer built alone (as a pipeline stage does) has the same weights as inside the model
+    alone = TransformerLayer(cfg, 2)
+    for name, tensor in alone.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[f"decoder.layers.2.{name}"])
+    # the global RNG plays no part
+    torch.manual_seed(12345)
+    assert torch.equal(GPTModel(cfg).embedding.word_embeddings.weight, model.embedding.word_embeddings.weight)
+    assert not torch.equal(GPTModel(_config(num_layers=4, hidden_size=256, ffn_hidden_size=512, num_attention_heads=8,
+                                            init_seed=4)).embedding.word_embeddings.weight,
+                           model.embedding.word_embeddings.weight)
+    layer = model.decoder.layers[0]
+    out_std = cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
+    assert layer.self_attention.linear_qkv.weight.std().item() == pytest.approx(cfg.init_method_std, rel=0.05)
+    assert layer.mlp.linear_fc1.weight.std().item() == pytest.approx(cfg.init_method_std, rel=0.05)
+    assert layer.self_attention.linear_proj.weight.std().item() == pytest.approx(out_std, rel=0.05)
+    assert layer.mlp.linear_fc2.weight.std().item() == pytest.approx(out_std, rel=0.05)
+    assert torch.all(layer.input_layernorm.weight == 1) and torch.all(model.decoder.final_layernorm.weight == 1)
+
+
+def test_recompute_gives_identical_gradients():
+    cfg = _config()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in (False, True):
+        model = GPTModel(_config(recompute_activations=recompute))
+        model(tokens).logsumexp(-1).mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("untie", [False, True])
+def test_parameter_count_and_flops_formula(untie):
+    cfg = _config(untie_embeddings_and_output_weights=untie)
+    model = GPTModel(cfg)
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    embedding = cfg.vocab_size * cfg.hidden_size * (2 if untie else 1)
+    assert model.num_parameters(include_embeddings=False) == model.num_parameters() - embedding
+    # FLOPs: 6 x (every 2-D matmul weight, the output layer counted once even when tied) + attention
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n)
+    matmul += 0 if untie else cfg.vocab_size * cfg.hidden_size
+    seq = 32
+    attention = 12 * cfg.num_layers * seq * cfg.num_attention_heads * cfg.head_dim
+    assert flops_per_token(cfg, seq) == 6 * matmul + attention
+    assert flops_per_token(cfg, seq, training=False) == (6 * matmul + attention) / 3
+
+
+def test_tensor_parallel_state_dict_split_and_merge_round_trip():
+    cfg = _config(num_attention_heads=8, num_query_groups=4, untie_embeddings_and_output_weights=True)
+    full = GPTModel(cfg).state_dict()
+    assert set(tensor_parallel_layout(cfg)) == set(full)
+    for tp in (2, 4):
+        shards = [split_state_dict_for_tensor_parallel(full, cfg, tp, r) for r in range(tp)]
+        d = cfg.head_dim
+        qkv = shards[1]["decoder.layers.0.self_attention.linear_qkv.weight"]
+        assert qkv.shape[0] == (8 + 2 * 4) * d // tp
+        # rank 1's rows: its slice of Q, then of K, then of V
+        q, k, v = full["decoder.layers.0.self_attention.linear_qkv.weight"].split([8 * d, 4 * d, 4 * d])
+        n_q, n_kv = 8 * d // tp, 4 * d // tp
+        assert torch.equal(qkv, torch.cat([q[n_q:2 * n_q], k[n_kv:2 * n_kv], v[n_kv:2 * n_kv]]))
+        merged = merge_tensor_parallel_state_dicts(shards, cfg)
+        assert all(torch.equal(merged[k], full[k]) for k in full)
+
+
+def test_config_and_layout_errors_are_clear():
+    with pytest.raises(ValueError, match=r"num_attention_heads \(8\) is not divisible by num_query_groups \(3\)"):
+        _config(num_query_groups=3)
+    with pytest.raises(ValueError, match="hidden_size .* is not divisible by num_attention_heads"):
+        _config(hidden_size=60)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        _config(params_dtype="float8")
+    cfg = _config(sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"num-query-groups \(2\) is not divisible by tensor-model-parallel-size \(4\)"):
+        cfg.validate_parallel(4)
+    with pytest.raises(ValueError, match=r"num-layers \(2\) is not divisible by pipeline-model-parallel-size \(4\)"):
+        cfg.validate_parallel(2, 4)
+    with pytest.raises(ValueError, match=r"seq-length \(with --sequence-parallel\) \(9\) is not divisible"):
+        cfg.validate_parallel(2, 1, seq_length=9)
+    with pytest.raises(ValueError, match=r"seq-length \(128\) is larger than max-position-embeddings \(64\)"):
+        cfg.validate_parallel(1, 1, seq_length=128)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["params_dtype"] == "float32"
+    assert pad_vocab_size(50257, 1) == 50304 and pad_vocab_size(50257, 2) == 50432 and pad_vocab_size(256, 2) == 256

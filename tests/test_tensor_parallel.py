@@ -1,0 +1,202 @@
+"""Tensor parallelism with real gloo processes: layers and the GPT model at TP=2 equal TP=1.
+
+Each test computes the single-process (TP=1) reference here, runs the TP=2 version in two
+processes and compares forward outputs and gradients (shards merged back to full size).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_slung.model.gpt import GPTConfig, GPTModel, merge_tensor_parallel_state_dicts
+from megatron_slung.parallel import state
+from megatron_slung.parallel.layers import merge_tensor_parallel_shards
+from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- layers
+def _full_weight(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _init_from(full):
+    def init(t):
+        t.copy_(full)
+
+    return init
+
+
+def _layers_body(rank, world_size, w_col, w_qkv, w_row, w_emb, x, ids, grad_col, grad_row, grad_emb):
+    from megatron_slung.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron_slung.parallel.mappings import scatter_to_sequence_parallel_region
+
+    state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    out = {}
+    for sp in (False, True):
+        # column (gather_output=False: my shard of the output) then row (input already split)
+        col = ColumnParallelLinear(w_col.shape[1], w_col.shape[0], init_method=_init_from(w_col), sequence_parallel=sp)
+        row = RowParallelLinear(w_row.shape[1], w_row.shape[0], init_method=_init_from(w_row), sequence_parallel=sp)
+        xin = x.clone().requires_grad_(True)
+        inp = scatter_to_sequence_parallel_region(xin) if sp else xin
+        h = col(inp)
+        y = row(torch.tanh(h))
+        # y is replicated (or my sequence shard): the loss is sum(y * grad_row) over the full tensor
+        g = grad_row.chunk(world_size, dim=0)[rank] if sp else grad_row
+        (y * g).sum().backward()
+        out[f"col_row_sp{sp}"] = (y.detach(), xin.grad, col.weight.grad, row.weight.grad)
+
+    # fused QKV-style parts + gather_output
+    qkv = ColumnParallelLinear(w_qkv.shape[1], w_qkv.shape[0], init_method=_init_from(w_qkv),
+                               gather_output=True, output_parts=[8, 4, 4])
+    xin = x.clone().requires_grad_(True)
+    y = qkv(xin)
+    (y * grad_col).sum().backward()
+    out["qkv_gather"] = (y.detach(), xin.grad, qkv.weight.grad)
+
+    # row parallel with a replicated input (split inside)
+    row = RowParallelLinear(w_row.shape[1], w_row.shape[0], init_method=_init_from(w_row), input_is_parallel=False)
+    xin = torch.tanh(x @ w_col.t()).detach().requires_grad_(True)
+    y = row(xin)
+    (y * grad_row).sum().backward()
+    out["row_replicated"] = (y.detach(), xin.grad, row.weight.grad)
+
+    for sp in (False, True):
+        emb = VocabParallelEmbedding(w_emb.shape[0], w_emb.shape[1], init_method=_init_from(w_emb), sequence_parallel=sp)
+        y = emb(ids)  # ids [S, B]
+        g = grad_emb.chunk(world_size, dim=0)[rank] if sp else grad_emb
+        (y * g).sum().backward()
+        out[f"emb_sp{sp}"] = (y.detach(), emb.weight.grad)
+    state.destroy_model_parallel()
+    return out
+
+
+def test_column_row_and_embedding_layers_at_tp2_equal_full_layers():
+    torch.manual_seed(0)
+    s, b, hin, hmid, hout, vocab = 6, 2, 8, 12, 10, 16
+    w_col, w_row = _full_weight((hmid, hin), 1), _full_weight((hout, hmid), 2)
+    w_qkv, w_emb = _full_weight((16, hin), 3), _full_weight((vocab, hout), 4)
+    x = torch.randn(s, b, hin)
+    ids = torch.randint(0, vocab, (s, b))
+    grad_col, grad_row, grad_emb = torch.randn(s, b, 16), torch.randn(s, b, hout), torch.randn(s, b, hout)
+
+    # references
+    xr = x.clone().requires_grad_(True)
+    wc, wr = w_col.clone().requires_grad_(True), w_row.clone().requires_grad_(True)
+    y_ref = torch.tanh(xr @ wc.t()) @ wr.t()
+    (y_ref * grad_row).sum().backward()
+    xq, wq = x.clone().requires_grad_(True), w_qkv.clone().requires_grad_(True)
+    yq = xq @ wq.t()
+    (yq * grad_col).sum().backward()
+    xrr = torch.tanh(x @ w_col.t()).detach().requires_grad_(True)
+    wr2 = w_row.clone().requires_grad_(True)
+    yrr = xrr @ wr2.t()
+    (yrr * grad_row).sum().backward()
+    we = w_emb.clone().requires_grad_(True)
+    ye = F.embedding(ids, we)
+    (ye * grad_emb).sum().backward()
+
+    res = run_distributed(_layers_body, 2, args=(w_col, w_qkv, w_row, w_emb, x, ids, grad_col, grad_row, grad_emb))
+    for sp in (False, True):
+        ys, xgrads, colg, rowg = zip(*(r[f"col_row_sp{sp}"] for r in res))
+        y_full = torch.cat(ys, 0) if sp else ys[0]
+        torch.testing.assert_close(y_full, y_ref.detach(), **TOL)
+        for xg in xgrads:  # the input gradient is complete on every rank (all-reduced / all-gathered)
+            torch.testing.assert_close(xg, xr.grad, **TOL)
+        torch.testing.assert_close(merge_tensor_parallel_shards(colg, 0), wc.grad, **TOL)
+        torch.testing.assert_close(merge_tensor_parallel_shards(rowg, 1), wr.grad, **TOL)
+        if not sp:
+            torch.testing.assert_close(ys[1], y_ref.detach(), **TOL)
+
+    for r in res:
+        y, xg, _ = r["qkv_gather"]
+        torch.testing.assert_close(y, yq.detach(), **TOL)
+        torch.testing.assert_close(xg, xq.grad, **TOL)
+    # rank shards are [part0_r; part1_r; part2_r]: merging by parts gives the full gradient back,
+    # merging as one block would not
+    shards = [r["qkv_gather"][2] for r in res]
+    torch.testing.assert_close(merge_tensor_parallel_shards(shards, 0, [8, 4, 4]), wq.grad, **TOL)
+    assert not torch.allclose(merge_tensor_parallel_shards(shards, 0), wq.grad)
+
+    for r in res:
+        y, xg, _ = r["row_replicated"]
+        torch.testing.assert_close(y, yrr.detach(), **TOL)
+        torch.testing.assert_close(xg, xrr.grad, **TOL)
+    torch.testing.assert_close(merge_tensor_parallel_shards([r["row_replicated"][2] for r in res], 1), wr2.grad, **TOL)
+
+    for sp in (False, True):
+        ys, grads = zip(*(r[f"emb_sp{sp}"] for r in res))
+        torch.testing.assert_close(torch.cat(ys, 0) if sp else ys[0], ye.detach(), **TOL)
+        torch.testing.assert_close(torch.cat(grads, 0), we.grad, **TOL)
+
+
+# --------------------------------------------------------------------------- GPT model
+CONFIGS = {
+    "gqa_tied": dict(num_query_groups=2),
+    "gqa_tied_sp": dict(num_query_groups=2, sequence_parallel=True),
+    "mha_untied_sp": dict(num_query_groups=4, untie_embeddings_and_output_weights=True, sequence_parallel=True),
+    "gqa_untied_recompute": dict(num_query_groups=2, untie_embeddings_and_output_weights=True, recompute_activations=True),
+}
+
+
+def _config(**overrides):
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, vocab_size=64,
+                max_position_embeddings=32, init_seed=7)
+    base.update(overrides)
+    return GPTConfig(**base)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 64, (2, 8), generator=g)
+    labels = torch.randint(0, 64, (2, 8), generator=g)
+    risk = torch.randint(0, 4, (2, 8), generator=g).to(torch.uint8)
+    return tokens, labels, risk
+
+
+def _loss_and_grads(model, tokens, labels, risk):
+    from megatron_slung.model.pipeline import masked_cross_entropy_tp
+
+    logits = model(tokens)
+    out = masked_cross_entropy_tp(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), risk.reshape(-1),
+                                  "0:ce,1:ce,2:ignore,3:unlikelihood")
+    loss = out.loss_sum / out.num_tokens
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return logits.detach(), loss.detach(), grads
+
+
+def _gpt_body(rank, world_size, batch):
+    state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    out = {}
+    for name, overrides in CONFIGS.items():
+        model = GPTModel(_config(**overrides))
+        logits, loss, grads = _loss_and_grads(model, *batch)
+        out[name] = (logits, loss, grads, {n: p.detach().clone() for n, p in model.state_dict().items()})
+    state.destroy_model_parallel()
+    return out
+
+
+def test_gpt_model_at_tp2_equals_tp1_logits_loss_and_gradients():
+    batch = _batch()
+    res = run_distributed(_gpt_body, 2, args=(batch,))
+    for name, overrides in CONFIGS.items():
+        cfg = _config(**overrides)
+        model = GPTModel(cfg)  # TP=1, same init seed
+        logits, loss, grads = _loss_and_grads(model, *batch)
+        shards = [r[name] for r in res]
+        # weights: the TP=2 shards merge into exactly the TP=1 weights (layout-independent init)
+        merged_weights = merge_tensor_parallel_state_dicts([s[3] for s in shards], cfg)
+        for n, w in model.state_dict().items():
+            assert torch.equal(merged_weights[n], w), f"{name}: weight {n} differs"
+        torch.testing.assert_close(torch.cat([s[0] for s in shards], dim=-1), logits, **TOL, msg=name)
+        for s in shards:
+            torch.testing.assert_close(s[1], loss, **TOL)
+        merged = merge_tensor_parallel_state_dicts([s[2] for s in shards], cfg)
+        for n, g in grads.items():
+            torch.testing.assert_close(merged[n], g, **TOL, msg=f"{name}: grad of {n}")
+            if merged[n].dim() == 1:  # replicated parameters: the same gradient on both ranks
+                torch.testing.assert_close(shards[0][2][n], shards[1][2][n], **TOL)
