@@ -1,0 +1,195 @@
+"""masked_cross_entropy (torch building blocks and the C++ kernel) against the plain-torch reference."""
+
+import pytest
+import torch
+
+from megatron_slung.loss import LossPolicy, masked_cross_entropy, masked_cross_entropy_reference
+from megatron_slung.loss.backends import KernelBackend
+
+HAVE_CPU_KERNEL = KernelBackend.available(torch.device("cpu"))
+IMPLS = ["torch", pytest.param("kernel", marks=pytest.mark.skipif(not HAVE_CPU_KERNEL, reason="no C++ kernel"))]
+POLICIES = ["ce", "masked", "unlikelihood", "0:ce,1:ce@0.5,2:ignore,3:unlikelihood@2", "*:ignore,1:unlikelihood"]
+OPTIONS = [dict(), dict(label_smoothing=0.15), dict(z_loss=1e-2), dict(label_smoothing=0.2, z_loss=1e-3)]
+
+
+def _inputs(n=29, v=37, seed=0, dtype=torch.float64, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::7] = -100
+    risk = torch.randint(0, 4, (n,), generator=g).to(torch.uint8)
+    return logits, labels, risk
+
+
+def _run(fn, logits, labels, risk, policy, upstream=None, **kw):
+    """Loss, per-token loss and the gradient of 0.7 * loss_sum + <upstream, per_token>."""
+    x = logits.clone().requires_grad_(True)
+    out = fn(x, labels, risk, policy, return_per_token=True, **kw)
+    objective = 0.7 * out.loss_sum
+    if upstream is not None:
+        objective = objective + (out.per_token * upstream).sum()
+    objective.backward()
+    return out, x.grad
+
+
+def _finite_difference_grad(f, x, eps=1e-6):
+    grad = torch.zeros_like(x)
+    flat, gflat = x.view(-1), grad.view(-1)
+    with torch.no_grad():
+        for k in range(flat.numel()):
+            old = flat[k].item()
+            flat[k] = old + eps
+            hi = f(x).item()
+            flat[k] = old - eps
+            lo = f(x).item()
+            flat[k] = old
+            gflat[k] = (hi - lo) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "smoothing", "z_loss", "both"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_float64_matches_reference_values_and_gradients(impl, policy, options):
+    logits, labels, risk = _inputs()
+    upstream = torch.rand(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ours, g_ours = _run(masked_cross_entropy, logits, labels, risk, policy, upstream, impl=impl, **options)
+    ref, g_ref = _run(masked_cross_entropy_reference, logits, labels, risk, policy, upstream, **options)
+    torch.testing.assert_close(ours.loss_sum, ref.loss_sum, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.per_token, ref.per_token, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+    assert ours.num_tokens == ref.num_tokens
+    assert torch.equal(ours.level_count, ref.level_count)
+    torch.testing.assert_close(ours.level_ce_sum, ref.level_ce_sum, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_matches_finite_differences_in_float64(impl):
+    # gradcheck by hand: the backward scales a buffer in place, so it cannot be run twice (as gradcheck does)
+    logits, labels, risk = _inputs(n=9, v=6, seed=3)
+    labels[4] = -100
+    risk[:4] = torch.tensor([0, 1, 2, 3], dtype=torch.uint8)
+    policy = LossPolicy.parse("0:ce,1:ce@0.5,2:ignore,3:unlikelihood")
+    for options in OPTIONS:
+        def f(x):
+            return masked_cross_entropy(x, labels, risk, policy, impl=impl, **options).loss_sum
+        _, grad = _run(masked_cross_entropy, logits, labels, risk, policy, impl=impl, **options)
+        numeric = _finite_difference_grad(f, logits.clone())
+        torch.testing.assert_close(grad, 0.7 * numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_within_tolerance(impl, dtype):
+    logits, labels, risk = _inputs(n=64, v=301, dtype=dtype)
+    kw = dict(label_smoothing=0.1, z_loss=1e-4)
+    ours, g_ours = _run(masked_cross_entropy, logits, labels, risk, "unlikelihood", impl=impl, **kw)
+    ref, g_ref = _run(masked_cross_entropy_reference, logits.double(), labels, risk, "unlikelihood", **kw)
+    assert ours.loss_sum.dtype == torch.float32 and g_ours.dtype == dtype
+    torch.testing.assert_close(ours.loss_sum.double(), ref.loss_sum, rtol=1e-5, atol=1e-4)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # about one ulp of the dtype
+    err = (g_ours.double() - g_ref).abs().max() / g_ref.abs().max()
+    assert err < tol, f"relative gradient error {err:.2e}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignore_only_batch_is_zero_without_nan(impl):
+    logits, labels, risk = _inputs(dtype=torch.float32)
+    for labels_, policy in [(torch.full_like(labels, -100), "ce"), (labels, "*:ignore")]:
+        out, grad = _run(masked_cross_entropy, logits, labels_, risk, policy, impl=impl)
+        assert out.loss_sum.item() == 0.0 and out.num_tokens.item() == 0
+        assert torch.all(grad == 0) and not torch.isnan(out.per_token).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extreme_logits_stay_finite(impl):
+    logits = torch.tensor([[1e4, -1e4, 0.0, 5.0], [-1e4, 1e4, 0.0, 1.0], [1e4, 1e4, -1e4, 0.0]])
+    labels = torch.tensor([0, 0, 1])
+    risk = torch.tensor([3, 1, 3], dtype=torch.uint8)
+    for options in OPTIONS:
+        out, grad = _run(masked_cross_entropy, logits, labels, risk, "unlikelihood", impl=impl, **options)
+        ref = masked_cross_entropy_reference(logits, labels, risk, "unlikelihood", **options)
+        assert torch.isfinite(out.loss_sum) and torch.isfinite(grad).all()
+        torch.testing.assert_close(out.loss_sum, ref.loss_sum, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_leading_dimensions_and_int32_labels(impl):
+    logits, labels, risk = _inputs(n=24, dtype=torch.float32)
+    out3, g3 = _run(masked_cross_entropy, logits.view(4, 6, -1), labels.view(4, 6).int(), risk.view(4, 6), "masked",
+                    impl=impl)
+    out2, g2 = _run(masked_cross_entropy, logits, labels, risk, "masked", impl=impl)
+    assert out3.per_token.shape == (4, 6)
+    torch.testing.assert_close(out3.loss_sum, out2.loss_sum)
+    torch.testing.assert_close(g3.view_as(g2), g2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_grad_overwrites_logits_with_the_gradient(impl):
+    logits, labels, risk = _inputs(dtype=torch.float32)
+    expected, g_expected = _run(masked_cross_entropy, logits, labels, risk, "unlikelihood", impl=impl)
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1.0  # a non-leaf buffer the loss may take over (mul does not save its output)
+    out = masked_cross_entropy(x, labels, risk, "unlikelihood", impl=impl, inplace_grad=True)
+    (0.7 * out.loss_sum).backward()
+    torch.testing.assert_close(out.loss_sum, expected.loss_sum)
+    torch.testing.assert_close(leaf.grad, g_expected)
+    # a node that saved the logits for its backward must refuse to run on the overwritten buffer
+    y = logits.clone().requires_grad_(True)
+    z = torch.tanh(y)  # tanh saves its output
+    out = masked_cross_entropy(z, labels, risk, "ce", impl=impl, inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss_sum.backward()
+
+
+def test_scalar_only_path_skips_and_scales():
+    logits, labels, risk = _inputs(dtype=torch.float32)
+    _, g1 = _run(masked_cross_entropy, logits, labels, risk, "ce")  # gradient 0.7
+    x = logits.clone().requires_grad_(True)
+    masked_cross_entropy(x, labels, risk, "ce").loss_sum.backward()  # gradient exactly 1: no scaling pass
+    torch.testing.assert_close(x.grad * 0.7, g1)
+
+
+def test_backward_twice_is_a_clear_error():
+    logits, labels, risk = _inputs(dtype=torch.float32)
+    x = logits.clone().requires_grad_(True)
+    out = masked_cross_entropy(x, labels, risk, "ce")
+    out.loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss_sum.backward()
+
+
+def test_no_grad_needed():
+    logits, labels, risk = _inputs(dtype=torch.float32)
+    with torch.no_grad():
+        out = masked_cross_entropy(logits, labels, risk, "masked")
+    ref = masked_cross_entropy_reference(logits, labels, risk, "masked")
+    torch.testing.assert_close(out.loss_sum, ref.loss_sum)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "mutate, error",
+    [
+        (lambda lg, lb, r: (lg[0], lb, r), "logits must be"),
+        (lambda lg, lb, r: (lg, lb[:-1], r), "leading shape"),
+        (lambda lg, lb, r: (lg, lb, r.long()), "risk must be uint8"),
+        (lambda lg, lb, r: (lg, lb.float(), r), "labels must be int64 or int32"),
+        (lambda lg, lb, r: (lg.long(), lb, r), "floating point"),
+        (lambda lg, lb, r: (lg, torch.where(lb == -100, lb, lb + 1000), r), "outside the vocabulary"),
+        (lambda lg, lb, r: (lg, torch.where(lb == -100, lb, -lb - 1), r), "outside the vocabulary"),
+    ],
+)
+def test_bad_input_is_a_clear_error(impl, mutate, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        masked_cross_entropy(*mutate(*_inputs(dtype=torch.float32)), "ce", impl=impl)
+
+
+def test_bad_policy_and_options_are_clear_errors():
+    logits, labels, risk = _inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown mode 'forget'"):
+        masked_cross_entropy(logits, labels, risk, "3:forget")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        masked_cross_entropy(logits, labels, risk, "ce", label_smoothing=1.5)
+    with pytest.raises(ValueError, match="impl must be"):
+        masked_cross_entropy(logits, labels, risk, "ce", impl="fast")

@@ -1,0 +1,95 @@
+"""Vocab-parallel masked CE on real gloo processes (tp = 2 and 4) against tp = 1 and the reference."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_slung.loss import masked_cross_entropy, masked_cross_entropy_reference
+from megatron_slung.loss.backends import KernelBackend
+from tests.distributed import run_distributed
+
+POLICY = "0:ce,1:ce@0.5,2:ignore,3:unlikelihood"
+CASES = [
+    dict(),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(label_smoothing=0.2, z_loss=1e-2),
+]
+IMPLS = ["torch"] + (["kernel"] if KernelBackend.available(torch.device("cpu")) else [])
+
+
+def _inputs(n=37, v=48, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::6] = -100
+    risk = torch.randint(0, 4, (n,), generator=g).to(torch.uint8)
+    token_weights = torch.rand(n, generator=g)  # an arbitrary upstream gradient for per_token
+    return logits, labels, risk, token_weights
+
+
+def _loss_and_grad(logits, labels, risk, token_weights, impl, group=None, **kw):
+    x = logits.clone().requires_grad_(True)
+    out = masked_cross_entropy(x, labels, risk, POLICY, return_per_token=True, tp_group=group, impl=impl, **kw)
+    (0.37 * out.loss_sum + (out.per_token * token_weights).sum()).backward()
+    return dict(loss_sum=out.loss_sum.detach(), per_token=out.per_token.detach(), num_tokens=out.num_tokens,
+                level_count=out.level_count, level_ce_sum=out.level_ce_sum, grad=x.grad)
+
+
+def _tp_body(rank, world_size, logits, labels, risk, token_weights):
+    group = dist.new_group(list(range(world_size)))
+    shard = logits.shape[1] // world_size
+    local = logits[:, rank * shard:(rank + 1) * shard].contiguous()
+    results = {}
+    for impl in IMPLS:
+        for i, kw in enumerate(CASES):
+            results[impl, i] = _loss_and_grad(local, labels, risk, token_weights, impl, group, **kw)
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp", [2, 4])
+def test_vocab_parallel_matches_tp1_in_values_and_gradients(tp):
+    logits, labels, risk, token_weights = _inputs()
+    per_rank = run_distributed(_tp_body, world_size=tp, args=(logits, labels, risk, token_weights))
+    shard = logits.shape[1] // tp
+    for impl in IMPLS:
+        for i, kw in enumerate(CASES):
+            single = _loss_and_grad(logits, labels, risk, token_weights, impl, **kw)
+            ref = masked_cross_entropy_reference(logits, labels, risk, POLICY, return_per_token=True, **kw)
+            ranks = [r[impl, i] for r in per_rank]
+            for r in ranks[1:]:  # every rank returns the very same values
+                for key in ("loss_sum", "per_token", "num_tokens", "level_count", "level_ce_sum"):
+                    assert torch.equal(r[key], ranks[0][key]), (impl, kw, key)
+            got = ranks[0]
+            msg = f"impl={impl} options={kw}"
+            torch.testing.assert_close(got["loss_sum"], single["loss_sum"], rtol=1e-5, atol=1e-5, msg=msg)
+            torch.testing.assert_close(got["loss_sum"], ref.loss_sum, rtol=1e-5, atol=1e-5, msg=msg)
+            torch.testing.assert_close(got["per_token"], single["per_token"], rtol=1e-5, atol=1e-5, msg=msg)
+            assert got["num_tokens"] == single["num_tokens"] == ref.num_tokens
+            assert torch.equal(got["level_count"], ref.level_count)
+            torch.testing.assert_close(got["level_ce_sum"], ref.level_ce_sum, rtol=1e-5, atol=1e-4, msg=msg)
+            grad = torch.cat([r["grad"] for r in ranks], dim=1)
+            assert grad.shape == logits.shape
+            torch.testing.assert_close(grad, single["grad"], rtol=1e-5, atol=1e-6, msg=msg)
+            # each rank's gradient is exactly its own columns
+            for rank, r in enumerate(ranks):
+                assert r["grad"].shape == (logits.shape[0], shard)
+
+
+def _label_smoothing_needs_the_global_mean(rank, world_size, logits, labels, risk):
+    group = dist.new_group(list(range(world_size)))
+    shard = logits.shape[1] // world_size
+    local = logits[:, rank * shard:(rank + 1) * shard].contiguous()
+    return masked_cross_entropy(local, labels, risk, "ce", label_smoothing=0.3, tp_group=group, impl="torch").loss_sum
+
+
+@pytest.mark.distributed
+def test_label_smoothing_is_exact_at_tp2_even_when_shards_differ():
+    # shards with very different means: a per-shard mean (Megatron's approach) would be far off
+    logits, labels, risk, _ = _inputs(n=16, v=32)
+    logits[:, 16:] += 25.0
+    got = run_distributed(_label_smoothing_needs_the_global_mean, world_size=2, args=(logits, labels, risk))
+    expected = torch.nn.functional.cross_entropy(logits, labels, reduction="sum", label_smoothing=0.3)
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], expected, rtol=1e-5, atol=1e-4)
