@@ -188,9 +188,20 @@ def read_latest(save_dir: str) -> Optional[str]:
     return tag
 
 
+_CRASH_COUNTS: dict = {}
+
+
 def _crash_point(name: str) -> None:
-    """Test hook: SLUNG_CHECKPOINT_CRASH_AT=name kills the process here (simulates a crash mid-save)."""
-    if os.environ.get("SLUNG_CHECKPOINT_CRASH_AT") == name:
+    """Test hook: ``SLUNG_CHECKPOINT_CRASH_AT=NAME[:N]`` kills the process (exit 17) the N-th time (default
+    first) a save reaches point NAME: a crash in the middle of a save, for the atomicity tests."""
+    spec = os.environ.get("SLUNG_CHECKPOINT_CRASH_AT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] == int(nth or 1):
         os._exit(17)
 
 

@@ -152,11 +152,38 @@ def build_loader(dataset, consumed_samples: int, args, data_parallel_rank: int, 
         return None
     sampler = MicroBatchSampler(len(dataset), consumed_samples, args.micro_batch_size, data_parallel_rank,
                                 data_parallel_size)
+    # Its own generator: creating the iterator draws a seed, which must not disturb the global RNG (a
+    # resumed run creates its iterators at a different point of the RNG stream than a run that never stopped).
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=args.num_workers > 0,
+        persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
     )
     return iter(loader)
+
+
+class CyclicLoader:
+    """Evaluation batches that wrap around: after the last full batch of the dataset, start again at sample 0
+    (a resumed or extended run may evaluate more often than the validation set was sized for)."""
+
+    def __init__(self, dataset, consumed_samples: int, args, data_parallel_rank: int, data_parallel_size: int):
+        self.dataset, self.args = dataset, args
+        self.rank, self.size = data_parallel_rank, data_parallel_size
+        step = args.micro_batch_size * data_parallel_size
+        usable = len(dataset) // step * step
+        if usable == 0:
+            raise ValueError(f"the evaluation dataset has {len(dataset)} samples, fewer than one micro-batch on "
+                             f"every data-parallel rank ({step})")
+        self._it = build_loader(dataset, consumed_samples % usable, args, data_parallel_rank, data_parallel_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = build_loader(self.dataset, 0, self.args, self.rank, self.size)
+            return next(self._it)
 
 
 class DataExhausted(RuntimeError):

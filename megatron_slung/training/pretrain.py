@@ -43,6 +43,7 @@ from megatron_slung.training import checkpointing
 from megatron_slung.training.arguments import ArgumentError, args_to_dict, parse_args, world_size_from_env
 from megatron_slung.training.data import (
     IGNORE_INDEX,
+    CyclicLoader,
     DataExhausted,
     build_datasets,
     build_loader,
@@ -95,10 +96,13 @@ class StepGuard:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.decide = lambda: False
+        self.before_step = None
         self.skipped = False
         self._original = optimizer.step
 
         def step(*a, **k):
+            if self.before_step is not None:
+                self.before_step()
             self.skipped = bool(self.decide())
             if self.skipped:
                 return None
@@ -182,7 +186,7 @@ def setup(args, device: torch.device) -> Trainer:
         model=module, optimizer=optimizer, config=args.deepspeed_config_dict,
         mpu=None if pipeline else state,
     )
-    _record_fp32_grad_norm(engine)
+    _record_fp32_grad_norm(engine, guard)
 
     first, last = state.is_pipeline_first_stage(), state.is_pipeline_last_stage()
     trainer = Trainer(
@@ -197,18 +201,23 @@ def setup(args, device: torch.device) -> Trainer:
     return trainer
 
 
-def _record_fp32_grad_norm(engine) -> None:
-    """DeepSpeed's fp32 engine without ZeRO clips with a norm it does not keep; keep it for the logs."""
+def _record_fp32_grad_norm(engine, guard: StepGuard) -> None:
+    """DeepSpeed's fp32 engine without ZeRO computes the gradient norm only to clip, and does not keep it;
+    keep it for the logs (and compute it when clipping is off)."""
     from deepspeed.runtime.utils import clip_grad_norm_
 
     if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization():
         return
 
-    def clip():
-        engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
-                                                         max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+    def norm(max_norm):
+        return float(clip_grad_norm_(parameters=engine.module.parameters(), max_norm=max_norm, mpu=engine.mpu))
+
+    def clip():  # DeepSpeed calls this before the optimizer step when gradient_clipping > 0
+        engine._global_grad_norm = norm(engine.gradient_clipping())
 
     engine.clip_fp32_gradients = clip
+    if engine.gradient_clipping() == 0:
+        guard.before_step = lambda: setattr(engine, "_global_grad_norm", norm(float("inf")))
 
 
 # --------------------------------------------------------------------------- one step
@@ -363,8 +372,9 @@ def evaluate(trainer: Trainer, loader, num_batches: int) -> Optional[torch.Tenso
 
 
 # --------------------------------------------------------------------------- the loop
-def _print_rank0(text: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+def _print_status(text: str) -> None:
+    """Status lines come from the logging rank (the last: it is on the last pipeline stage, which has the loss)."""
+    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
         print(text, flush=True)
 
 
@@ -400,7 +410,7 @@ def _run(args, device) -> dict:
     trainer = setup(args, device)
     engine = trainer.engine
     rank = dist.get_rank()
-    _print_rank0(
+    _print_status(
         f"megatron-slung pretrain: {dist.get_world_size()} ranks (TP {args.tensor_model_parallel_size} x PP "
         f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size}) on {device.type}, "
         f"{_num_parameters_note(trainer.config)}, vocab {trainer.tokenizer.vocab_size} (padded "
@@ -413,7 +423,7 @@ def _run(args, device) -> dict:
     if args.load:
         state = checkpointing.load_checkpoint(engine, args.load, load_optimizer=not args.no_load_optim,
                                               load_rng=not args.no_load_rng, finetune=args.finetune,
-                                              log=_print_rank0)
+                                              log=_print_status)
         if state is not None and not args.finetune:
             iteration = int(state["iteration"])
             consumed_train = int(state["consumed_train_samples"])
@@ -421,12 +431,13 @@ def _run(args, device) -> dict:
             trainer.scheduler.load_state_dict(state["scheduler"])
             old_gbs = state["args"].get("global_batch_size")
             if old_gbs is not None and old_gbs != args.global_batch_size:
-                _print_rank0(f"note: the checkpoint used global batch {old_gbs}, now {args.global_batch_size}")
+                _print_status(f"note: the checkpoint used global batch {old_gbs}, now {args.global_batch_size}")
 
     train_ds, valid_ds, test_ds = trainer.datasets
     loads = trainer.loads_data
     train_loader = build_loader(train_ds, consumed_train, args, trainer.dp_rank, trainer.dp_size) if loads else None
-    valid_loader = build_loader(valid_ds, consumed_valid, args, trainer.dp_rank, trainer.dp_size) if loads else None
+    valid_loader = (CyclicLoader(valid_ds, consumed_valid, args, trainer.dp_rank, trainer.dp_size)
+                    if loads and valid_ds is not None else None)
 
     logger = TrainingLogger(
         enabled=trainer.is_logging_rank, policy=trainer.policy, train_iters=args.train_iters,
@@ -437,7 +448,7 @@ def _run(args, device) -> dict:
         metrics_jsonl=args.metrics_jsonl, progress_bar=False if args.no_progress_bar else None,
         start_iteration=iteration,
     )
-    _print_rank0(f"setup took {time.time() - t0:.1f} s; training from iteration {iteration} to {args.train_iters}")
+    _print_status(f"setup took {time.time() - t0:.1f} s; training from iteration {iteration} to {args.train_iters}")
     last_saved = iteration if args.load and iteration > 0 else None
     evaluated_at = None
 
@@ -459,7 +470,7 @@ def _run(args, device) -> dict:
                                              _train_state(trainer, iteration, consumed_train, consumed_valid),
                                              args_to_dict(args))
         last_saved = iteration
-        _print_rank0(f"saved checkpoint {path} ({time.perf_counter() - start:.1f} s)")
+        _print_status(f"saved checkpoint {path} ({time.perf_counter() - start:.1f} s)")
         logger.exclude_time(time.perf_counter() - start)
 
     stopped_early = False
@@ -495,14 +506,14 @@ def _run(args, device) -> dict:
             if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
                 if args.save and last_saved != iteration:
                     save()
-                _print_rank0(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+                _print_status(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
                 stopped_early = True
                 break
         if not stopped_early:
             if args.eval_iters > 0 and valid_ds is not None and evaluated_at != iteration and args.train_iters > 0:
                 run_eval(valid_loader, "valid")
             if args.eval_iters > 0 and test_ds is not None:
-                test_loader = build_loader(test_ds, 0, args, trainer.dp_rank, trainer.dp_size) if loads else None
+                test_loader = CyclicLoader(test_ds, 0, args, trainer.dp_rank, trainer.dp_size) if loads else None
                 run_eval(test_loader, "test")
             if args.save and last_saved != iteration:
                 save()
@@ -512,7 +523,7 @@ def _run(args, device) -> dict:
     finally:
         logger.close()
     train_records = [r for r in logger.records if r["kind"] == "train"]
-    _print_rank0(f"done: iteration {iteration}, {time.time() - t0:.1f} s in all")
+    _print_status(f"done: iteration {iteration}, {time.time() - t0:.1f} s in all")
     return {"iteration": iteration, "records": logger.records, "rank": rank,
             "last_loss": train_records[-1]["loss"] if train_records else None}
 
