@@ -203,6 +203,21 @@ def test_determinism_and_cache(corpus, tmp_path, monkeypatch):
     for args in [(8, 43, (80, 0, 0)), (9, 42, (80, 0, 0)), (8, 42, (81, 0, 0))]:
         with pytest.raises(AssertionError, match="cached indices"):
             build_gpt_datasets([prefix], "1", args[0], args[1], args[2], cache)
+    # a rewritten dataset with the same number of documents and tokens but other lengths is a new entry too
+    docs = [np.arange(1, 11, dtype=np.int32)] * 10
+    with IndexedDatasetBuilder(str(tmp_path / "re"), dtype=np.int32) as b:
+        for d in docs:
+            b.add_document(d)
+    monkeypatch.undo()
+    build_gpt_datasets([str(tmp_path / "re")], "1", 8, 42, (5, 0, 0), cache)
+    with IndexedDatasetBuilder(str(tmp_path / "re"), dtype=np.int32) as b:
+        b.add_document(np.arange(1, 6, dtype=np.int32))
+        for d in docs[1:-1]:
+            b.add_document(d)
+        b.add_document(np.arange(1, 16, dtype=np.int32))
+    monkeypatch.setattr(gd, "build_sample_idx", no_build)
+    with pytest.raises(AssertionError, match="cached indices"):
+        build_gpt_datasets([str(tmp_path / "re")], "1", 8, 42, (5, 0, 0), cache)
     monkeypatch.undo()
     c = build_gpt_datasets([prefix], "1", 8, 43, (80, 0, 0), cache)[0]
     assert c.cache_key != a.cache_key
@@ -225,6 +240,17 @@ def test_dataset_pickles_for_dataloader_workers(corpus, tmp_path):
     assert len(blob) < 4000
     copy = pickle.loads(blob)
     assert all(torch.equal(ds[i]["tokens"], copy[i]["tokens"]) for i in range(len(ds)))
+    # a blend read from its cache pickles small too
+    other = str(tmp_path / "other")
+    make_corpus(other, 20, source=2)
+    blend_args = (["1", prefix, "1", other], "1", 8, 1, (300, 0, 0), str(tmp_path / "c"))
+    build_gpt_datasets(*blend_args)
+    blend = build_gpt_datasets(*blend_args)[0]
+    assert isinstance(blend.dataset_index, np.memmap)
+    blob = pickle.dumps(blend)
+    assert len(blob) < 8000
+    copy = pickle.loads(blob)
+    assert all(torch.equal(blend[i]["tokens"], copy[i]["tokens"]) for i in range(0, len(blend), 17))
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=0)
     batch = next(iter(loader))
     assert batch["tokens"].shape == (5, 8) and batch["risk"].dtype == torch.uint8

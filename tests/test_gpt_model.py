@@ -173,3 +173,22 @@ def test_config_and_layout_errors_are_clear():
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.to_dict()["params_dtype"] == "float32"
     assert pad_vocab_size(50257, 1) == 50304 and pad_vocab_size(50257, 2) == 50432 and pad_vocab_size(256, 2) == 256
+
+
+def test_compiled_layers_keep_the_model_function():
+    # dynamo with the "eager" backend: checks the wiring (recomputation outside the compiled body)
+    # without compiling kernels; inductor was measured on a GPU (docs/model.md)
+    from megatron_slung.model.gpt import compile_transformer_layers
+
+    tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        model = GPTModel(_config(recompute_activations=True))
+        if compiled:
+            assert compile_transformer_layers(model, backend="eager") == 2
+        logits = model(tokens)
+        logits.logsumexp(-1).mean().backward()
+        results.append((logits.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

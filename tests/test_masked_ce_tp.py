@@ -4,7 +4,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_slung.loss import masked_cross_entropy, masked_cross_entropy_reference
+from megatron_slung.loss import (
+    fused_linear_masked_cross_entropy,
+    masked_cross_entropy,
+    masked_cross_entropy_reference,
+)
 from megatron_slung.loss.backends import KernelBackend
 from tests.distributed import run_distributed
 
@@ -36,14 +40,25 @@ def _loss_and_grad(logits, labels, risk, token_weights, impl, group=None, **kw):
                 level_count=out.level_count, level_ce_sum=out.level_ce_sum, grad=x.grad)
 
 
-def _tp_body(rank, world_size, logits, labels, risk, token_weights):
+def _fused_linear(hidden, weight, labels, risk, impl, group=None, **kw):
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    out = fused_linear_masked_cross_entropy(h, w, labels, risk, POLICY, tp_group=group, impl=impl, chunk_size=10,
+                                            **kw)
+    (0.37 * out.loss_sum).backward()
+    return dict(loss_sum=out.loss_sum.detach(), grad_hidden=h.grad, grad_weight=w.grad)
+
+
+def _tp_body(rank, world_size, logits, labels, risk, token_weights, hidden, weight):
     group = dist.new_group(list(range(world_size)))
     shard = logits.shape[1] // world_size
     local = logits[:, rank * shard:(rank + 1) * shard].contiguous()
+    local_weight = weight[rank * shard:(rank + 1) * shard].contiguous()
     results = {}
     for impl in IMPLS:
         for i, kw in enumerate(CASES):
             results[impl, i] = _loss_and_grad(local, labels, risk, token_weights, impl, group, **kw)
+        results[impl, "fused_linear"] = _fused_linear(hidden, local_weight, labels, risk, impl, group, **CASES[-1])
     return results
 
 
@@ -51,7 +66,10 @@ def _tp_body(rank, world_size, logits, labels, risk, token_weights):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_vocab_parallel_matches_tp1_in_values_and_gradients(tp):
     logits, labels, risk, token_weights = _inputs()
-    per_rank = run_distributed(_tp_body, world_size=tp, args=(logits, labels, risk, token_weights))
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(logits.shape[0], 8, generator=g)
+    weight = torch.randn(logits.shape[1], 8, generator=g)
+    per_rank = run_distributed(_tp_body, world_size=tp, args=(logits, labels, risk, token_weights, hidden, weight))
     shard = logits.shape[1] // tp
     for impl in IMPLS:
         for i, kw in enumerate(CASES):
@@ -75,6 +93,14 @@ def test_vocab_parallel_matches_tp1_in_values_and_gradients(tp):
             # each rank's gradient is exactly its own columns
             for rank, r in enumerate(ranks):
                 assert r["grad"].shape == (logits.shape[0], shard)
+        # fused linear, vocab-parallel: full hidden gradient on every rank, weight gradient by shard
+        single = _fused_linear(hidden, weight, labels, risk, impl, **CASES[-1])
+        ranks = [r[impl, "fused_linear"] for r in per_rank]
+        for r in ranks:
+            torch.testing.assert_close(r["loss_sum"], single["loss_sum"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(r["grad_hidden"], single["grad_hidden"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([r["grad_weight"] for r in ranks]), single["grad_weight"],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def _label_smoothing_needs_the_global_mean(rank, world_size, logits, labels, risk):

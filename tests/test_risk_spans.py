@@ -100,3 +100,60 @@ def test_tag_rate_is_binomial():
     tagged = sum(insert_harm_tags(ids, levels, 9, 3, p, 1234, 0, line)[2] for line in range(n))
     mean, sd = n * p, math.sqrt(n * p * (1 - p))
     assert abs(tagged - mean) < 4 * sd, (tagged, mean, sd)
+
+
+def test_flat_harm_tags_match_per_document_reference():
+    from megatron_slung.data.risk_spans import insert_harm_tags_flat
+
+    rng = np.random.default_rng(1)
+    docs = [rng.choice([0, 1, 3, 4], size=int(rng.integers(0, 12))).astype(np.uint8) for _ in range(200)]
+    lines = rng.integers(1, 10**6, size=len(docs))
+    bounds = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    levels = np.concatenate(docs)
+    ids = np.arange(len(levels), dtype=np.int32)
+    new_ids, new_levels, new_bounds, per_doc = insert_harm_tags_flat(ids, levels, bounds, -1, 3, 0.5, 42, 2, lines)
+    for i, d in enumerate(docs):
+        want_ids, want_levels, n = insert_harm_tags(ids[bounds[i]:bounds[i + 1]], d, -1, 3, 0.5, 42, 2, int(lines[i]))
+        assert new_ids[new_bounds[i]:new_bounds[i + 1]].tolist() == want_ids.tolist()
+        assert new_levels[new_bounds[i]:new_bounds[i + 1]].tolist() == want_levels.tolist()
+        assert per_doc[i] == n
+
+
+@pytest.mark.parametrize("unit", ["char", "byte"])
+def test_flat_token_levels_match_per_document_reference(unit):
+    """Texts laid end to end (with empty texts and empty spans at text ends) give per-text results."""
+    from megatron_slung.data.risk_spans import token_levels_flat
+    from megatron_slung.data.tokenizers import FlatEncoding, char_to_byte_offsets
+
+    rng = np.random.default_rng(2)
+    alphabet = list("ab é東😀")
+    texts, spans, uniform, offsets = [], [], [], []
+    for _ in range(120):
+        n = int(rng.integers(0, 15))
+        text = "".join(rng.choice(alphabet, size=n))
+        cuts = sorted(set(rng.integers(0, n + 1, size=3).tolist()))
+        sp = [(a, b, int(rng.choice([1, 2, 3, 5]))) for a, b in zip(cuts, cuts[1:]) if b > a]
+        k = int(rng.integers(0, 8)) if n else 0
+        st = np.sort(rng.integers(0, n + 1, size=k))
+        off = np.stack([st, np.minimum(st + rng.integers(0, 3, size=k), n)], axis=1).reshape(-1, 2)
+        if n and rng.random() < 0.3:
+            off = np.concatenate([off, [[n, n]]])  # an empty token at the very end of the text
+        texts.append(text)
+        spans.append(normalize_spans(sp, n))
+        uniform.append(None if rng.random() < 0.8 else 2)
+        offsets.append(off)
+    counts = [len(o) for o in offsets]
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    if unit == "char":
+        bases = np.concatenate([[0], np.cumsum([len(t) for t in texts])])
+        conv = [o for o in offsets]
+    else:
+        bases = np.concatenate([[0], np.cumsum([len(t.encode()) for t in texts])])
+        conv = [char_to_byte_offsets(t, o.reshape(-1)).reshape(-1, 2) for t, o in zip(texts, offsets)]
+    flat = np.concatenate([c + bases[i] for i, c in enumerate(conv)]).reshape(-1, 2)
+    enc = FlatEncoding(np.zeros(len(flat), np.int32), bounds, flat[:, 0], flat[:, 1], unit, bases)
+    got = token_levels_flat(enc, texts, spans, uniform, default_level=1)
+    for i, text in enumerate(texts):
+        lv = np.full(len(text), uniform[i], np.uint8) if uniform[i] is not None else char_levels(spans[i], len(text), 1)
+        want = token_levels_reference(lv, offsets[i])
+        assert got[bounds[i]:bounds[i + 1]].tolist() == want.tolist(), (text, spans[i], offsets[i])

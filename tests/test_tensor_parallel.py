@@ -139,6 +139,9 @@ CONFIGS = {
     "gqa_tied_sp": dict(num_query_groups=2, sequence_parallel=True),
     "mha_untied_sp": dict(num_query_groups=4, untie_embeddings_and_output_weights=True, sequence_parallel=True),
     "gqa_untied_recompute": dict(num_query_groups=2, untie_embeddings_and_output_weights=True, recompute_activations=True),
+    # the loss fused with the head (return_hidden): vocab-parallel, no logits
+    "gqa_tied_sp_fused": dict(num_query_groups=2, sequence_parallel=True),
+    "gqa_untied_fused": dict(num_query_groups=2, untie_embeddings_and_output_weights=True),
 }
 
 
@@ -157,12 +160,18 @@ def _batch():
     return tokens, labels, risk
 
 
-def _loss_and_grads(model, tokens, labels, risk):
-    from megatron_slung.model.pipeline import masked_cross_entropy_tp
+def _loss_and_grads(model, tokens, labels, risk, fused=False):
+    from megatron_slung.model.pipeline import fused_linear_masked_cross_entropy_tp, masked_cross_entropy_tp
 
-    logits = model(tokens)
-    out = masked_cross_entropy_tp(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), risk.reshape(-1),
-                                  "0:ce,1:ce,2:ignore,3:unlikelihood")
+    policy = "0:ce,1:ce,2:ignore,3:unlikelihood"
+    if fused:
+        hidden, weight = model(tokens, return_hidden=True)
+        out = fused_linear_masked_cross_entropy_tp(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                                   risk.reshape(-1), policy)
+        logits = hidden @ weight.t()
+    else:
+        logits = model(tokens)
+        out = masked_cross_entropy_tp(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), risk.reshape(-1), policy)
     loss = out.loss_sum / out.num_tokens
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -174,7 +183,7 @@ def _gpt_body(rank, world_size, batch):
     out = {}
     for name, overrides in CONFIGS.items():
         model = GPTModel(_config(**overrides))
-        logits, loss, grads = _loss_and_grads(model, *batch)
+        logits, loss, grads = _loss_and_grads(model, *batch, fused="fused" in name)
         out[name] = (logits, loss, grads, {n: p.detach().clone() for n, p in model.state_dict().items()})
     state.destroy_model_parallel()
     return out
@@ -185,7 +194,7 @@ def test_gpt_model_at_tp2_equals_tp1_logits_loss_and_gradients():
     res = run_distributed(_gpt_body, 2, args=(batch,))
     for name, overrides in CONFIGS.items():
         cfg = _config(**overrides)
-        model = GPTModel(cfg)  # TP=1, same init seed
+        model = GPTModel(cfg)  # TP=1, same init seed (and the unfused loss: one reference for both)
         logits, loss, grads = _loss_and_grads(model, *batch)
         shards = [r[name] for r in res]
         # weights: the TP=2 shards merge into exactly the TP=1 weights (layout-independent init)
@@ -200,3 +209,63 @@ def test_gpt_model_at_tp2_equals_tp1_logits_loss_and_gradients():
             torch.testing.assert_close(merged[n], g, **TOL, msg=f"{name}: grad of {n}")
             if merged[n].dim() == 1:  # replicated parameters: the same gradient on both ranks
                 torch.testing.assert_close(shards[0][2][n], shards[1][2][n], **TOL)
+
+
+# --------------------------------------------------------------------------- DeepSpeed engine, state as mpu
+def _engine_body(rank, world_size, batches, n_tokens):
+    import deepspeed
+
+    from megatron_slung.model.pipeline import PipelineLoss, loss_scale_for_global_batch
+
+    state.init_deepspeed_comm()
+    state.initialize_model_parallel(tensor_model_parallel_size=2)  # 4 ranks: tp 2 x dp 2
+    model = GPTModel(_engine_config())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=state, config={
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": len(batches), "gradient_clipping": 0.05,
+        "steps_per_print": 10**9, "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True})
+    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+    loss_fn = PipelineLoss("0:ce,1:ce,2:ignore,3:unlikelihood")
+    loss_fn.set_scale(loss_scale_for_global_batch(n_tokens, len(batches), dp))
+    for tokens, labels, risk in batches:  # each micro-batch holds one sequence per DP rank
+        mine = slice(dp_rank, dp_rank + 1)
+        engine.backward(loss_fn(engine(tokens[mine]), (labels[mine], risk[mine])))
+        engine.step()
+    result = (state.get_tensor_model_parallel_rank(), dp_rank, float(engine.get_global_grad_norm()),
+              {k: v.detach().clone() for k, v in model.state_dict().items()})
+    state.destroy_model_parallel()
+    return result
+
+
+def _engine_config():
+    return _config(num_query_groups=2, sequence_parallel=True)
+
+
+def test_deepspeed_engine_with_parallel_state_as_mpu_matches_one_process():
+    """TP=2 x DP=2, sequence parallel, ZeRO-1, clipping: DeepSpeed reduces over our DP group and counts
+    each parameter once in the gradient norm, so one step equals the single-process step."""
+    from megatron_slung.model.pipeline import PipelineLoss
+
+    g = torch.Generator().manual_seed(9)
+    batches = [(torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (2, 8), generator=g),
+                torch.randint(0, 4, (2, 8), generator=g).to(torch.uint8)) for _ in range(2)]
+    n_tokens = sum(int((risk != 2).sum()) for _, _, risk in batches)
+    results = run_distributed(_engine_body, 4, args=(batches, n_tokens))
+
+    cfg = _engine_config()
+    model = GPTModel(cfg)
+    loss_fn = PipelineLoss("0:ce,1:ce,2:ignore,3:unlikelihood")
+    loss_fn.set_scale(1.0 / n_tokens)
+    sum(loss_fn(model(tokens), (labels, risk)) for tokens, labels, risk in batches).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    assert norm > 0.1
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= p.grad
+    for dp_rank in (0, 1):
+        ranks = sorted((r for r in results if r[1] == dp_rank), key=lambda r: r[0])
+        for r in ranks:
+            assert r[2] == pytest.approx(norm.item(), rel=1e-5)
+        merged = merge_tensor_parallel_state_dicts([r[3] for r in ranks], cfg)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(merged[k], v, **TOL, msg=k)

@@ -21,7 +21,7 @@ from tests.data_tools_fixtures import (  # noqa: F401  (fixtures)
 )
 
 TRICKY = MULTIBYTE_TEXTS + ["lead", " lead", "trail ", "   ", "x" * 300, "a\u2581b \u2581 c", "<|endoftext|> literal",
-                            "1234567 89", "e\u0301t\u00e9", "ﬁ Ａ ½"]
+                            "1234567 89", "e\u0301t\u00e9", "ﬁ Ａ ½", "abc \x00abc", " \x00abc x", "  x  y  "]
 
 
 def test_pad_vocab_size():
@@ -145,7 +145,7 @@ def test_sentencepiece_offsets_multibyte(sp_model, corpus_records):
     # the leading byte pieces of a split character an empty span.
     plain = SentencePieceTokenizer(sp_model, word_cache=False)
     for text, (ids, offs), (ids2, offs2) in zip(texts, tok.tokenize_batch_with_offsets(texts),
-                                                 plain._sp_char_offsets(texts)):
+                                                 plain._sp_offsets(texts, in_bytes=False)):
         assert np.array_equal(ids, ids2)
         for tid, a, b in zip(ids.tolist(), offs.tolist(), offs2.tolist()):
             if not tok.sp.is_byte(tid):

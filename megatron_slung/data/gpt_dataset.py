@@ -113,7 +113,8 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 
 class _IndexCache:
-    """``{cache_dir}/{hash}-{name}.npy`` files for one set of parameters, plus ``{hash}-description.json``."""
+    """``{cache_dir}/{hash}-{kind}-{split}-{array}.npy`` for one set of parameters (``{hash}`` covers all of
+    them), plus a ``...-description.json`` that lists the parameters."""
 
     def __init__(self, cache_dir: str | None, description: dict):
         self.description = dict(description, cache_format=_CACHE_FORMAT)
@@ -122,7 +123,8 @@ class _IndexCache:
         self.cache_dir = cache_dir
 
     def path(self, name: str) -> str:
-        return os.path.join(self.cache_dir, f"{self.key}-{name}.npy")
+        d = self.description
+        return os.path.join(self.cache_dir, f"{self.key}-{d['kind']}-{d['split']}-{name}.npy")
 
     def load_or_build(self, names: tuple[str, ...], build) -> dict[str, np.ndarray]:
         """The cached arrays (memory-mapped) when all exist, else ``build()``'s, saved when the directory is writable."""
@@ -139,13 +141,34 @@ class _IndexCache:
                 os.makedirs(self.cache_dir, exist_ok=True)
                 for n in names:
                     _save_npy(self.path(n), np.ascontiguousarray(arrays[n]))
-                desc = os.path.join(self.cache_dir, f"{self.key}-description.json")
+                desc = self.path("description")[: -len(".npy")] + ".json"
                 with open(f"{desc}.partial-{os.getpid()}", "w") as f:
                     json.dump(self.description, f, indent=1, sort_keys=True)
                 os.replace(f"{desc}.partial-{os.getpid()}", desc)
             except OSError as e:
                 warnings.warn(f"cannot write the index cache to {self.cache_dir} ({e}); using it uncached", RuntimeWarning)
         return arrays
+
+
+def _pickle_memmaps_by_name(self):
+    """Pickle cached index arrays by file name, so DataLoader workers map them instead of copying them."""
+    state = dict(self.__dict__)
+    for name, value in state.items():
+        if isinstance(value, np.memmap) and value.filename:
+            state[name] = _Reopen(value.filename)
+    return state
+
+
+def _reopen_memmaps(self, state):
+    self.__dict__.update({k: v.load() if isinstance(v, _Reopen) else v for k, v in state.items()})
+
+
+class _Reopen:
+    def __init__(self, filename: str):
+        self.filename = filename
+
+    def load(self) -> np.ndarray:
+        return np.load(self.filename, mmap_mode="r", allow_pickle=False)
 
 
 # ---------------------------------------------------------------------------------------- datasets
@@ -188,6 +211,8 @@ class GPTDataset(torch.utils.data.Dataset):
         cache = _IndexCache(cache_dir, {
             "kind": "GPTDataset", "prefix": os.path.abspath(indexed.prefix), "num_tokens": indexed.num_tokens,
             "num_documents": indexed.num_documents, "split": split, "documents": [first, len(self.documents)],
+            # the indices depend on the document lengths only: a rewritten dataset with other lengths is a new entry
+            "document_lengths_sha1": hashlib.sha1(np.ascontiguousarray(doc_lengths[self.documents]).tobytes()).hexdigest(),
             "seq_length": self.seq_length, "seed": self.seed, "num_samples": self.num_samples,
         })
         arrays = cache.load_or_build(("doc_order", "sample_idx", "shuffle_idx"), lambda: self._build(doc_lengths))
@@ -227,19 +252,8 @@ class GPTDataset(torch.utils.data.Dataset):
         tokens, risk = self.get_raw(i)
         return make_sample(tokens, risk, self.eod_token, self.eod_mask_loss)
 
-    # DataLoader workers reopen the memory maps rather than receive copies of them.
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if isinstance(self.sample_idx, np.memmap):
-            for name in ("doc_order", "sample_idx", "shuffle_idx"):
-                state[name] = ("npy", getattr(self, name).filename)
-        return state
-
-    def __setstate__(self, state):
-        for name in ("doc_order", "sample_idx", "shuffle_idx"):
-            if isinstance(state[name], tuple):
-                state[name] = np.load(state[name][1], mmap_mode="r", allow_pickle=False)
-        self.__dict__.update(state)
+    __getstate__ = _pickle_memmaps_by_name
+    __setstate__ = _reopen_memmaps
 
 
 def make_sample(tokens: np.ndarray, risk: np.ndarray, eod_token: int | None, eod_mask_loss: bool) -> dict[str, torch.Tensor]:
@@ -270,6 +284,9 @@ class BlendedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.size
+
+    __getstate__ = _pickle_memmaps_by_name
+    __setstate__ = _reopen_memmaps
 
     def __getitem__(self, i: int):
         if not -self.size <= i < self.size:

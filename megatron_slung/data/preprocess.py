@@ -50,7 +50,7 @@ from megatron_slung.data.corpus import (
 )
 from megatron_slung.data.indexed_dataset import IndexedDatasetBuilder, token_dtype
 from megatron_slung.data.risk import check_level, level_name
-from megatron_slung.data.risk_spans import char_levels, insert_harm_tags, normalize_spans, token_levels
+from megatron_slung.data.risk_spans import insert_harm_tags_flat, normalize_spans, token_levels_flat
 from megatron_slung.data.tokenizers import build_tokenizer
 
 MAX_EMPTY_REPORTED = 5
@@ -203,61 +203,51 @@ class Encoder:
         return level if covered >= n else None
 
     def encode_chunk(self, chunk: Chunk):
+        """Parse, validate and tokenize a chunk; returns flat arrays per key (see module docstring)."""
         opts, tok = self.opts, self.tokenizer
         lines = decode_lines(chunk)
-        records, line_nos = [], []
-        for i, line in enumerate(lines):
-            record = parse_record(line, chunk.path, chunk.first_line + i)
-            if record is not None:
-                records.append(record)
-                line_nos.append(chunk.first_line + i)
-        out = {"records": len(records), "nbytes": len(chunk.data), "keys": {}, "empty_where": []}
-        for key in opts.json_keys:
-            texts = [get_text(r, key, chunk.path, ln) for r, ln in zip(records, line_nos)]
-            plans = []  # per document: (uniform level or None, spans)
-            for r, ln, text in zip(records, line_nos, texts):
-                spans = self._spans(r, key, text, chunk.path, ln)
-                plans.append((self._uniform_level(spans, len(text)), spans))
-            mixed = [i for i, (u, _) in enumerate(plans) if u is None]
-            plain = [i for i, (u, _) in enumerate(plans) if u is not None]
-            ids_of = [None] * len(texts)
-            offsets_of = {}
-            for i, ids in zip(plain, tok.tokenize_batch([texts[i] for i in plain]) if plain else []):
-                ids_of[i] = ids
-            if mixed:
-                for i, (ids, offsets) in zip(mixed, tok.tokenize_batch_with_offsets([texts[i] for i in mixed])):
-                    ids_of[i], offsets_of[i] = ids, offsets
-            parts_ids, parts_lv, lengths = [], [], []
+        line_nos = []
+        per_key = {key: ([], [], []) for key in opts.json_keys}  # texts, spans, uniform level
+        for i, line in enumerate(lines):  # one pass in line order: the first bad line is the one reported
+            line_no = chunk.first_line + i
+            record = parse_record(line, chunk.path, line_no)
+            if record is None:
+                continue
+            line_nos.append(line_no)
+            for key, (texts, spans, uniform) in per_key.items():
+                text = get_text(record, key, chunk.path, line_no)
+                doc_spans = self._spans(record, key, text, chunk.path, line_no)
+                texts.append(text)
+                spans.append(doc_spans)
+                uniform.append(self._uniform_level(doc_spans, len(text)))
+        out = {"records": len(line_nos), "nbytes": len(chunk.data), "keys": {}, "empty_where": []}
+        for key, (texts, spans, uniform) in per_key.items():
+            enc = tok.encode_flat(texts, offsets=any(u is None for u in uniform))
+            levels = token_levels_flat(enc, texts, spans, uniform, opts.default_risk_level)
+            ids, bounds = enc.ids, enc.bounds
+            counts = np.diff(bounds)
             stats = KeyStats()
-            for i, (uniform, spans) in enumerate(plans):
-                ids = ids_of[i]
-                if len(ids) == 0:
-                    where = f"{chunk.path}:{line_nos[i]}"
-                    if opts.empty_documents == "error":
-                        raise InputError(chunk.path, line_nos[i], f"empty document (key {key!r} gives no tokens)")
-                    stats.empty_skipped += 1
-                    if len(out["empty_where"]) < MAX_EMPTY_REPORTED:
-                        out["empty_where"].append(where)
-                    continue
-                if uniform is None:
-                    levels = token_levels(char_levels(spans, len(texts[i]), opts.default_risk_level), offsets_of[i])
-                else:
-                    levels = np.full(len(ids), uniform, dtype=np.uint8)
-                if self.tag_id is not None and (uniform is None or uniform >= opts.harm_tag_min_level):
-                    ids, levels, n = insert_harm_tags(ids, levels, self.tag_id, opts.harm_tag_min_level,
-                                                      opts.harm_tag_prob, opts.seed, chunk.file_index, line_nos[i])
-                    stats.tags_inserted += n
-                if opts.append_eod:
-                    ids = np.append(ids, np.int32(tok.eod))
-                    levels = np.append(levels, np.uint8(0))
-                parts_ids.append(ids)
-                parts_lv.append(levels)
-                lengths.append(len(ids))
-            tokens = np.concatenate(parts_ids).astype(self.dtype) if parts_ids else np.zeros(0, self.dtype)
-            risk = np.concatenate(parts_lv).astype(np.uint8, copy=False) if parts_lv else np.zeros(0, np.uint8)
+            empty = np.flatnonzero(counts == 0)
+            if len(empty):
+                if opts.empty_documents == "error":
+                    raise InputError(chunk.path, line_nos[empty[0]], f"empty document (key {key!r} gives no tokens)")
+                stats.empty_skipped = len(empty)
+                room = MAX_EMPTY_REPORTED - len(out["empty_where"])
+                out["empty_where"] += [f"{chunk.path}:{line_nos[i]}" for i in empty[:max(room, 0)]]
+            if self.tag_id is not None:
+                ids, levels, bounds, tags = insert_harm_tags_flat(
+                    ids, levels, bounds, self.tag_id, opts.harm_tag_min_level, opts.harm_tag_prob, opts.seed,
+                    chunk.file_index, np.asarray(line_nos, dtype=np.int64))
+                stats.tags_inserted = int(tags.sum())
+            if opts.append_eod:  # after each non-empty document, level 0
+                doc_ends = bounds[1:][counts > 0]
+                ids = np.insert(ids, doc_ends, tok.eod)
+                levels = np.insert(levels, doc_ends, 0)
+                bounds = bounds + np.concatenate([[0], np.cumsum(counts > 0)])
+            lengths = np.diff(bounds)[counts > 0]
             stats.documents = len(lengths)
-            stats.tokens = len(tokens)
-            out["keys"][key] = (tokens, np.asarray(lengths, dtype=np.int64), risk, stats)
+            stats.tokens = len(ids)
+            out["keys"][key] = (ids.astype(self.dtype), lengths.astype(np.int64), levels.astype(np.uint8, copy=False), stats)
         return out
 
 
@@ -419,6 +409,9 @@ def preprocess(inputs, output_prefix: str, opts: PreprocessOptions, workers: int
     vocab_size = probe.tokenizer.vocab_size
     del probe
     finals = {key: output_prefix_for(output_prefix, key) for key in opts.json_keys}
+    size = sum(os.path.getsize(p) for p in files)
+    print(f"[preprocess] {len(files)} input file(s), {size / 1e6:.1f} MB on disk, {workers} worker(s), "
+          f"{partitions} partition(s), vocab {vocab_size}", file=stream if stream is not None else sys.stderr, flush=True)
     start = time.perf_counter()
     if partitions == 1:
         summary = _encode_segments(plan_partitions(files, 1)[0], opts, workers, finals, vocab_size, stream=stream)

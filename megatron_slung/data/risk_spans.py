@@ -125,11 +125,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def document_uniforms(seed: int, file_index: int, line: int, count: int) -> np.ndarray:
     """``count`` uniforms in [0, 1) that depend only on (seed, file_index, line) and their position."""
+    key = _doc_keys(seed, file_index, np.array([line]))
     with np.errstate(over="ignore"):
-        key = np.array([seed & _MASK64], dtype=np.uint64)
-        key = _splitmix64(key) ^ np.uint64(file_index & _MASK64)
-        key = _splitmix64(key) ^ np.uint64(line & _MASK64)
-        key = _splitmix64(key)
         bits = _splitmix64(key ^ np.arange(count, dtype=np.uint64))
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
@@ -158,3 +155,96 @@ def insert_harm_tags(ids: np.ndarray, levels: np.ndarray, tag_id: int, min_level
         return ids, levels, 0
     return (np.insert(ids, chosen, tag_id).astype(ids.dtype, copy=False),
             np.insert(levels, chosen, 0).astype(np.uint8, copy=False), len(chosen))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole batches at once (the preprocessing fast path; the per-document functions above are the reference)
+
+
+def _doc_keys(seed: int, file_index: int, lines: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64)) ^ np.uint64(file_index & _MASK64)
+        key = _splitmix64(key)
+        return _splitmix64(key ^ np.asarray(lines, dtype=np.int64).astype(np.uint64))
+
+
+def token_levels_flat(enc, texts, spans, uniform, default_level: int) -> np.ndarray:
+    """Token levels for a whole :class:`~megatron_slung.data.tokenizers.FlatEncoding`.
+
+    ``spans[i]``: text i's normalised spans (character offsets); ``uniform[i]``: the level of all of text
+    i's characters when they share one (then its spans are not needed), else None.
+    """
+    counts = np.diff(enc.bounds)
+    fill = np.array([default_level if u is None else u for u in uniform], dtype=np.uint8)
+    mixed = [i for i, u in enumerate(uniform) if u is None]
+    if not mixed:
+        return np.repeat(fill, counts)
+    bases = enc.bases
+    unit_levels = np.repeat(fill, np.diff(bases))
+    doc, s, e, lv = [], [], [], []
+    for i in mixed:
+        for a, b, level in spans[i]:
+            doc.append(i)
+            s.append(a)
+            e.append(b)
+            lv.append(level)
+    if doc:
+        doc, s, e, lv = (np.asarray(x, dtype=np.int64) for x in (doc, s, e, lv))
+        if enc.unit == "byte" and not all(texts[i].isascii() for i in mixed):
+            # character -> byte: positions of character starts in the texts laid end to end
+            data = np.frombuffer("".join(texts).encode("utf-8"), dtype=np.uint8)
+            char_starts = np.append(np.flatnonzero((data & 0xC0) != 0x80), len(data))
+            char_bases = np.concatenate([[0], np.cumsum([len(t) for t in texts])])
+            s, e = char_starts[char_bases[doc] + s], char_starts[char_bases[doc] + e]
+        else:
+            s, e = bases[doc] + s, bases[doc] + e
+        n = len(unit_levels)
+        for level in np.unique(lv):  # spans of different levels never overlap: paint each level's cover
+            pick = lv == level
+            depth = np.cumsum(np.bincount(s[pick], minlength=n + 1)[:n] - np.bincount(e[pick], minlength=n + 1)[:n])
+            unit_levels[depth > 0] = level
+    if len(enc.ids) == 0:
+        return np.zeros(0, dtype=np.uint8)
+    # Empty spans take the unit at their position, but never one of the next text.
+    doc_end = np.repeat(bases[1:], counts)
+    starts, ends = enc.starts, enc.ends
+    empty = ends <= starts
+    if empty.any():
+        starts = np.where(empty, np.minimum(starts, doc_end - 1), starts)
+        ends = np.where(empty, starts + 1, ends)
+    present = np.unique(unit_levels)
+    out = np.full(len(starts), present[0] if len(present) else 0, dtype=np.uint8)
+    count = np.zeros(len(unit_levels) + 1, dtype=np.int64)
+    for level in present[1:]:
+        np.cumsum(unit_levels >= level, out=count[1:])
+        out[count[ends] > count[starts]] = level
+    return out
+
+
+def insert_harm_tags_flat(ids, levels, bounds, tag_id: int, min_level: int, prob: float, seed: int,
+                          file_index: int, lines):
+    """:func:`insert_harm_tags` for many documents laid end to end (text i = ``ids[bounds[i]:bounds[i+1]]``,
+    keyed by ``lines[i]``). Returns ``(ids, levels, bounds, tags_per_document)``."""
+    ndocs = len(bounds) - 1
+    risky = levels >= min_level
+    begins = risky.copy()
+    if len(begins):
+        begins[1:] &= ~risky[:-1]
+        counts = np.diff(bounds)
+        begins[bounds[:-1][counts > 0]] = risky[bounds[:-1][counts > 0]]  # a run never continues across texts
+    pos = np.flatnonzero(begins)
+    if len(pos) == 0 or prob <= 0:
+        return ids, levels, bounds, np.zeros(ndocs, dtype=np.int64)
+    doc = np.searchsorted(bounds, pos, side="right") - 1
+    run_no = np.arange(len(pos)) - np.searchsorted(doc, doc, side="left")
+    keys = _doc_keys(seed, file_index, np.asarray(lines))[doc]
+    with np.errstate(over="ignore"):
+        bits = _splitmix64(keys ^ run_no.astype(np.uint64))
+    u = (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    chosen = pos[u < prob]
+    per_doc = np.bincount(doc[u < prob], minlength=ndocs)
+    if len(chosen) == 0:
+        return ids, levels, bounds, per_doc
+    new_bounds = bounds + np.concatenate([[0], np.cumsum(per_doc)])
+    return (np.insert(ids, chosen, tag_id).astype(ids.dtype, copy=False),
+            np.insert(levels, chosen, 0).astype(np.uint8, copy=False), new_bounds, per_doc)

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,8 +83,39 @@ def char_to_byte_offsets(text: str, positions) -> np.ndarray:
     return np.append(char_starts, len(data))[positions]
 
 
+_FIRST = " \x00"  # cache-key prefix of a text's first segment (no other key starts with a space + non-space)
+
+
 def _pairs(starts, ends) -> list[tuple[int, int]]:
     return list(zip(np.asarray(starts).tolist(), np.asarray(ends).tolist()))
+
+
+@dataclass
+class FlatEncoding:
+    """Several texts tokenized at once, as flat arrays (no per-token Python objects).
+
+    Text ``i`` has tokens ``ids[bounds[i]:bounds[i + 1]]``. With offsets: token ``k`` covers
+    ``[starts[k], ends[k])`` of the texts laid end to end, in ``unit`` ("byte": UTF-8 bytes, or "char"),
+    text ``i`` occupying ``[bases[i], bases[i + 1])``.
+    """
+
+    ids: np.ndarray
+    bounds: np.ndarray
+    starts: np.ndarray | None = None
+    ends: np.ndarray | None = None
+    unit: str | None = None
+    bases: np.ndarray | None = None
+
+
+def _per_text_char_offsets(texts, enc: FlatEncoding):
+    out = []
+    for i, text in enumerate(texts):
+        a, b = enc.bounds[i], enc.bounds[i + 1]
+        s, e = enc.starts[a:b] - enc.bases[i], enc.ends[a:b] - enc.bases[i]
+        if enc.unit == "byte":
+            s, e = byte_to_char_offsets(text, s, e)
+        out.append((enc.ids[a:b].copy(), np.stack([s, e], axis=1).reshape(-1, 2)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,16 +233,19 @@ class SentencePieceTokenizer:
         self._wlen = np.zeros(0, dtype=np.int64)
 
     def _add_words(self, words: list[str]) -> None:
-        """Encode new words and append them to the word table.
+        """Encode new cache keys and append them to the word table.
 
-        A word after a space (key ``" word"``) is encoded after a sentinel word whose ids are then
-        dropped; a text's first word (key ``"\\x00word"``) is encoded alone, as it stands at the start
-        of a text (where SentencePiece adds its dummy prefix).
+        Keys: ``" \\x00" + segment`` for a text's first segment (encoded alone, as it stands at the start
+        of a text, where SentencePiece adds its dummy prefix); ``word`` for the segment ``" " + word``;
+        a segment with several leading spaces is its own key. (A bare word never starts with a space and
+        a multi-space key starts with two, so the three kinds cannot collide.) A segment after a space is
+        encoded after a sentinel word whose ids are then dropped.
         """
         n = len(self._sentinel)
-        texts = ["." + w if w[0] == " " else w[1:] for w in words]
+        first = [w[:2] == _FIRST for w in words]
+        texts = [w[2:] if f else "." + (w if w[:1] == " " else " " + w) for w, f in zip(words, first)]
         encoded = self.sp.encode(texts, out_type=int, num_threads=1)
-        parts = [ids[n:] if w[0] == " " else ids for w, ids in zip(words, encoded)]
+        parts = [ids if f else ids[n:] for f, ids in zip(first, encoded)]
         lens = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
         base = len(self._flat)
         new_ids = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32, count=int(lens.sum()))
@@ -233,17 +269,29 @@ class SentencePieceTokenizer:
         words: list[str] = []
         counts = []
         for text in texts:
-            w = split(text)
-            if w:
-                w[0] = "\x00" + w[0]  # a text's first word is cached apart (dummy prefix)
-                words.extend(w)
+            if not text:
+                counts.append(0)
+                continue
+            if "  " not in text and text[0] != " ":
+                w = text.split(" ")  # the common case: single spaces, so the keys are the bare words
+            else:
+                w = split(text)
+                w[1:] = [x if x[1:2] == " " else x[1:] for x in w[1:]]
+            w[0] = _FIRST + w[0]
+            words.extend(w)
             counts.append(len(w))
-        missing = set(words).difference(self._word_row)
+        # One dictionary pass; only the (few) misses are visited again.
+        table = self._word_row
+        found = list(map(table.get, words))
         self.cache_lookups += len(words)
-        self.cache_misses += len(missing)
-        if missing:
-            self._add_words(sorted(missing))
-        rows = np.fromiter(map(self._word_row.__getitem__, words), dtype=np.int64, count=len(words))
+        if None in found:
+            where = list(itertools.compress(range(len(words)), map(operator.is_, found, itertools.repeat(None))))
+            missing = list(dict.fromkeys(words[i] for i in where))
+            self.cache_misses += len(missing)
+            self._add_words(missing)
+            for i in where:
+                found[i] = table[words[i]]
+        rows = np.fromiter(found, dtype=np.int64, count=len(found))
         lens = self._wlen[rows]
         seg_end = np.cumsum(lens)
         total = int(seg_end[-1]) if len(seg_end) else 0
@@ -261,10 +309,10 @@ class SentencePieceTokenizer:
         ids, bounds = self._encode_flat(texts)
         return np.split(ids, bounds[1:-1])
 
-    def _sp_char_offsets(self, texts: list[str]):
-        """SentencePiece's own offsets, in characters (any normalisation)."""
+    def _sp_offsets(self, texts: list[str], in_bytes: bool):
+        """SentencePiece's own offsets (any normalisation): ``[(ids, [n, 2] offsets)]`` in bytes or characters."""
         try:
-            out = self.sp.encode(texts, out_type="offset_mapping", num_threads=1)
+            out = self.sp.encode(texts, out_type="offset_mapping", num_threads=1, return_bytes=in_bytes)
             return [(np.asarray(o["ids"], dtype=np.int32), np.asarray(o["offsets"], dtype=np.int64).reshape(-1, 2))
                     for o in out]
         except (ValueError, TypeError, AttributeError):  # older sentencepiece: protos with byte offsets
@@ -274,33 +322,50 @@ class SentencePieceTokenizer:
                 ids = np.asarray([p.id for p in proto.pieces], dtype=np.int32)
                 b = np.asarray([p.begin for p in proto.pieces], dtype=np.int64)
                 e = np.asarray([p.end for p in proto.pieces], dtype=np.int64)
-                s, e = byte_to_char_offsets(text, b, e)
-                result.append((ids, np.stack([s, e], axis=1).reshape(-1, 2)))
+                if not in_bytes:
+                    b, e = byte_to_char_offsets(text, b, e)
+                result.append((ids, np.stack([b, e], axis=1).reshape(-1, 2)))
             return result
+
+    def encode_flat(self, texts: list[str], offsets: bool = False) -> "FlatEncoding":
+        """All texts at once (see :class:`FlatEncoding`); offsets are UTF-8 byte offsets."""
+        ids, bounds = self._encode_flat(texts)
+        if not offsets:
+            return FlatEncoding(ids, bounds)
+        nbytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts), dtype=np.int64,
+                             count=len(texts))
+        bases = np.concatenate([[0], np.cumsum(nbytes)])
+        counts = np.diff(bounds)
+        doc_of = np.repeat(np.arange(len(texts)), counts)
+        if self._lossless:
+            # Each piece stands for a known number of bytes: offsets are a running sum (per text).
+            lengths = self._piece_bytes[ids]
+            if self._dummy_prefix:
+                lengths[bounds[:-1][counts > 0]] -= 1
+            run = np.concatenate([[0], np.cumsum(lengths)])
+            starts = run[:-1] - run[bounds[:-1]][doc_of] + bases[:-1][doc_of]
+            ends = starts + lengths
+            sums = run[bounds[1:]] - run[bounds[:-1]]
+            bad = sums != nbytes
+            nonempty = counts > 0
+            bad[nonempty] |= lengths[bounds[:-1][nonempty]] < 0  # a dummy prefix that was not there
+            redo = np.flatnonzero(bad).tolist()
+        else:
+            starts = np.zeros(len(ids), dtype=np.int64)
+            ends = np.zeros(len(ids), dtype=np.int64)
+            redo = list(range(len(texts)))
+        if redo:  # e.g. a literal '▁' in the text, or a normalising model: SentencePiece says where pieces are
+            for i, (sp_ids, off) in zip(redo, self._sp_offsets([texts[i] for i in redo], in_bytes=True)):
+                a, b = bounds[i], bounds[i + 1]
+                if not np.array_equal(sp_ids, ids[a:b]):
+                    raise RuntimeError(f"tokenizer cache disagrees with SentencePiece on {texts[i][:80]!r}")
+                starts[a:b] = off[:, 0] + bases[i]
+                ends[a:b] = off[:, 1] + bases[i]
+        return FlatEncoding(ids, bounds, starts, ends, "byte", bases)
 
     def tokenize_batch_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(ids, offsets)`` per text: int32 ids and an int64 ``[n, 2]`` array of character spans."""
-        if not self._lossless:
-            return self._sp_char_offsets(texts)
-        all_ids = self.tokenize_batch(texts)
-        out, redo = [], []
-        for i, (text, ids) in enumerate(zip(texts, all_ids)):
-            lengths = self._piece_bytes[ids]
-            if self._dummy_prefix and len(ids):
-                lengths[0] -= 1
-            ends = np.cumsum(lengths)
-            nbytes = len(text) if text.isascii() else len(text.encode("utf-8"))
-            if len(ids) and (ends[-1] != nbytes or lengths[0] < 0):
-                redo.append(i)  # e.g. a literal '▁' in the text: let SentencePiece say where pieces are
-                out.append(None)
-                continue
-            starts = ends - lengths
-            s, e = byte_to_char_offsets(text, starts, ends)
-            out.append((ids, np.stack([s, e], axis=1).reshape(-1, 2)))
-        if redo:
-            for i, r in zip(redo, self._sp_char_offsets([texts[i] for i in redo])):
-                out[i] = r
-        return out
+        return _per_text_char_offsets(texts, self.encode_flat(texts, offsets=True))
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenize_batch([text])[0].tolist()
@@ -375,9 +440,22 @@ class HuggingFaceTokenizer:
     def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int32) for e in self._encode(texts)]
 
+    def encode_flat(self, texts: list[str], offsets: bool = False) -> FlatEncoding:
+        """All texts at once (see :class:`FlatEncoding`); offsets are in characters."""
+        encs = self._encode(texts)
+        counts = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=int(bounds[-1]))
+        if not offsets:
+            return FlatEncoding(ids, bounds)
+        bases = np.concatenate([[0], np.cumsum([len(t) for t in texts], dtype=np.int64)])
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets) for e in encs),
+                           dtype=np.int64, count=2 * int(bounds[-1])).reshape(-1, 2)
+        shift = np.repeat(bases[:-1], counts)
+        return FlatEncoding(ids, bounds, flat[:, 0] + shift, flat[:, 1] + shift, "char", bases)
+
     def tokenize_batch_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(np.asarray(e.ids, dtype=np.int32), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2))
-                for e in self._encode(texts)]
+        return _per_text_char_offsets(texts, self.encode_flat(texts, offsets=True))
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenize_batch([text])[0].tolist()

@@ -78,65 +78,58 @@ def _scaled_grad(ctx, grad_sum: Optional[torch.Tensor], grad_per_token: Optional
     return grad.mul_(row)
 
 
+def loss_and_grad(logits, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss, unlikelihood_eps,
+                  backend, group, compute_grad: bool, inplace: bool):
+    """Per-token loss, plain ce, kind and (when asked) the gradient of the loss sum w.r.t. ``logits``.
+
+    Single device (``group`` None): the backend's fused forward. Vocab-parallel: local row statistics, the
+    two all-reduces of the module docstring, ``backends.finish`` on the global values, then the gradient of
+    this rank's columns. ``inplace`` writes the gradient into ``logits``. Shared with fused_linear.
+    """
+    if group is None:
+        return backend.forward(logits, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss,
+                               unlikelihood_eps, compute_grad, inplace)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    local_vocab = logits.shape[1]
+    valid = labels != ignore_index
+    local = labels - rank * local_vocab
+    in_shard = valid & (local >= 0) & (local < local_vocab)
+    target_local = torch.where(in_shard, local, torch.full_like(local, -1))
+
+    m, s, xt, sx = backend.row_stats(logits, target_local)
+    m_global = m.clone()
+    dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
+    packed = torch.stack([s * torch.exp(m - m_global), xt, sx])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    s_global, xt_global, sx_global = packed.unbind(0)
+    lse = m_global + torch.log(s_global)
+
+    level = risk.long()
+    per_token, ce, kind, a, b, c = backends.finish(
+        lse, xt_global, sx_global, valid, modes.long()[level], weights.to(lse.dtype)[level],
+        local_vocab * world, label_smoothing, z_loss, unlikelihood_eps,
+    )
+    grad = None
+    if compute_grad:
+        grad = backend.grad(logits, lse, a, b, c, target_local, logits if inplace else None)
+    return per_token, ce, kind, grad
+
+
 class _MaskedCE(torch.autograd.Function):
-    """Single device: the fused forward writes the gradient; the backward scales it."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss,
-                unlikelihood_eps, backend, inplace_grad):
-        ctx.set_materialize_grads(False)
-        compute_grad = ctx.needs_input_grad[0]
-        per_token, ce, kind, grad = backend.forward(
-            logits, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss, unlikelihood_eps,
-            compute_grad, inplace_grad and compute_grad,
-        )
-        if compute_grad and inplace_grad:
-            torch.autograd.graph.increment_version(logits)  # nodes that saved the logits now refuse to run
-        loss_sum, num_tokens, level_count, level_ce_sum = backend.level_stats(per_token, ce, kind, risk)
-        ctx.saved_grad = grad
-        ctx.mark_non_differentiable(num_tokens, level_count, level_ce_sum)
-        return loss_sum, per_token, num_tokens, level_count, level_ce_sum
-
-    @staticmethod
-    def backward(ctx, grad_sum, grad_per_token, *_):
-        return (_scaled_grad(ctx, grad_sum, grad_per_token),) + (None,) * 10
-
-
-class _VocabParallelMaskedCE(torch.autograd.Function):
-    """Vocab-parallel: local statistics, two small all-reduces, then each rank's gradient columns."""
+    """The forward computes the gradient (see loss_and_grad); the backward scales it."""
 
     @staticmethod
     def forward(ctx, logits, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss,
                 unlikelihood_eps, backend, inplace_grad, group):
         ctx.set_materialize_grads(False)
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        local_vocab = logits.shape[1]
-        offset = rank * local_vocab
-        labels = labels.long()
-        valid = labels != ignore_index
-        local = labels - offset
-        in_shard = valid & (local >= 0) & (local < local_vocab)
-        target_local = torch.where(in_shard, local, torch.full_like(local, -1))
-
-        m, s, xt, sx = backend.row_stats(logits, target_local)
-        m_global = m.clone()
-        dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
-        packed = torch.stack([s * torch.exp(m - m_global), xt, sx])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        s_global, xt_global, sx_global = packed.unbind(0)
-        lse = m_global + torch.log(s_global)
-
-        level = risk.long()
-        per_token, ce, kind, a, b, c = backends.finish(
-            lse, xt_global, sx_global, valid, modes.long()[level], weights.to(lse.dtype)[level],
-            local_vocab * world, label_smoothing, z_loss, unlikelihood_eps,
+        compute_grad = ctx.needs_input_grad[0]
+        inplace = bool(inplace_grad and compute_grad)
+        per_token, ce, kind, grad = loss_and_grad(
+            logits, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss, unlikelihood_eps,
+            backend, group, compute_grad, inplace,
         )
-        grad = None
-        if ctx.needs_input_grad[0]:
-            inplace = inplace_grad and logits.is_contiguous()
-            grad = backend.grad(logits, lse, a, b, c, target_local, logits if inplace else None)
-            if inplace:
-                torch.autograd.graph.increment_version(logits)
+        if inplace:
+            torch.autograd.graph.increment_version(logits)  # nodes that saved the logits now refuse to run
         loss_sum, num_tokens, level_count, level_ce_sum = backend.level_stats(per_token, ce, kind, risk)
         ctx.saved_grad = grad
         ctx.mark_non_differentiable(num_tokens, level_count, level_ce_sum)
@@ -203,6 +196,7 @@ def masked_cross_entropy(
     flat_labels = labels.reshape(-1).contiguous()
     flat_risk = risk.reshape(-1).contiguous()
     check_inputs(flat_logits, flat_labels, flat_risk)
+    flat_labels = flat_labels.long()
 
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
     vocab = flat_logits.shape[1] * world
@@ -211,11 +205,10 @@ def masked_cross_entropy(
     modes, weights = policy_tables(policy, flat_logits.device)
     common = (modes, weights, int(ignore_index), float(label_smoothing), float(z_loss), float(unlikelihood_eps),
               backend, bool(inplace_grad))
-    if world == 1:
-        outputs = _MaskedCE.apply(flat_logits, flat_labels, flat_risk, *common)
-    else:
-        outputs = _VocabParallelMaskedCE.apply(flat_logits, flat_labels, flat_risk, *common, tp_group)
-    loss_sum, per_token, num_tokens, level_count, level_ce_sum = outputs
+    group = tp_group if world > 1 else None
+    loss_sum, per_token, num_tokens, level_count, level_ce_sum = _MaskedCE.apply(
+        flat_logits, flat_labels, flat_risk, *common, group
+    )
     return MaskedCEOutput(
         loss_sum=loss_sum,
         num_tokens=num_tokens,

@@ -1,0 +1,117 @@
+"""Fused linear + masked CE against the unfused path (hidden @ weight.T, then the loss) and the reference."""
+
+import pytest
+import torch
+
+from megatron_slung.loss import (
+    fused_linear_masked_cross_entropy,
+    masked_cross_entropy,
+    masked_cross_entropy_reference,
+)
+from megatron_slung.loss.backends import KernelBackend
+from megatron_slung.loss.fused_linear import default_chunk_size
+
+IMPLS = ["torch", pytest.param("kernel", marks=pytest.mark.skipif(
+    not KernelBackend.available(torch.device("cpu")), reason="no C++ kernel"))]
+POLICY = "0:ce,1:ce@0.5,2:ignore,3:unlikelihood"
+
+
+def _inputs(n=45, h=12, v=41, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(v, h, generator=g, dtype=torch.float64) * 0.7).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::5] = -100
+    risk = torch.randint(0, 4, (n,), generator=g).to(torch.uint8)
+    return hidden, weight, labels, risk
+
+
+def _grads(loss_fn, hidden, weight, labels, risk, scale=0.3, **kw):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    out = loss_fn(h, w, labels, risk, **kw)
+    (scale * out.loss_sum).backward()
+    return out, h.grad, w.grad
+
+
+def _fused(h, w, labels, risk, **kw):
+    return fused_linear_masked_cross_entropy(h, w, labels, risk, POLICY, **kw)
+
+
+def _unfused(h, w, labels, risk, impl="torch", chunk_size=None, fp32_weight_grad=True, **kw):
+    return masked_cross_entropy(h @ w.t(), labels, risk, POLICY, impl=impl, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk_size", [1, 7, 45, 1000, None])
+def test_matches_unfused_in_float64(impl, chunk_size):
+    hidden, weight, labels, risk = _inputs()
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, impl=impl)
+    fused, gh, gw = _grads(_fused, hidden, weight, labels, risk, chunk_size=chunk_size, **kw)
+    plain, gh_ref, gw_ref = _grads(_unfused, hidden, weight, labels, risk, **kw)
+    torch.testing.assert_close(fused.loss_sum, plain.loss_sum, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-12)
+    assert fused.num_tokens == plain.num_tokens
+    assert torch.equal(fused.level_count, plain.level_count)
+    torch.testing.assert_close(fused.level_ce_sum, plain.level_ce_sum)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_close_to_float64(impl, dtype):
+    hidden, weight, labels, risk = _inputs(n=64, h=32, v=300, dtype=dtype)
+    fused, gh, gw = _grads(_fused, hidden, weight, labels, risk, impl=impl, chunk_size=16)
+    ref = masked_cross_entropy_reference
+    h = hidden.double().requires_grad_(True)
+    w = weight.double().requires_grad_(True)
+    (0.3 * ref(h @ w.t(), labels, risk, POLICY).loss_sum).backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+    assert rel(fused.loss_sum, ref(hidden.double() @ weight.double().t(), labels, risk, POLICY).loss_sum) < tol
+    assert rel(gh, h.grad) < tol and rel(gw, w.grad) < tol
+    assert gh.dtype == dtype and gw.dtype == dtype
+
+
+def test_only_one_input_needs_grad_and_leading_dims():
+    hidden, weight, labels, risk = _inputs(n=24)
+    w = weight.clone().requires_grad_(True)
+    out = fused_linear_masked_cross_entropy(hidden.view(4, 6, -1), w, labels.view(4, 6), risk.view(4, 6), POLICY,
+                                            return_per_token=True, chunk_size=5)
+    out.loss_sum.backward()
+    _, _, gw_ref = _grads(_unfused, hidden, weight, labels, risk, scale=1.0)
+    torch.testing.assert_close(w.grad, gw_ref)
+    assert out.per_token.shape == (4, 6) and not out.per_token.requires_grad
+
+
+def test_normalised_loss_scales_both_gradients():
+    hidden, weight, labels, risk = _inputs()
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    out = fused_linear_masked_cross_entropy(h, w, labels, risk, POLICY, chunk_size=8)
+    (out.loss_sum / out.num_tokens).backward()
+    _, gh, gw = _grads(_unfused, hidden, weight, labels, risk, scale=1.0 / out.num_tokens.item())
+    torch.testing.assert_close(h.grad, gh)
+    torch.testing.assert_close(w.grad, gw)
+
+
+def test_default_chunk_size_keeps_chunk_logits_near_hidden_size():
+    assert default_chunk_size(16384, 128256, 4096) == 512
+    assert default_chunk_size(10, 100, 1000) == 10
+    assert default_chunk_size(4096, 32000, 128) <= 32
+
+
+@pytest.mark.parametrize(
+    "mutate, error",
+    [
+        (lambda h, w, lb, r: (h, w[:, :-1], lb, r), "do not fit"),
+        (lambda h, w, lb, r: (h, w.float(), lb, r), "share dtype"),
+        (lambda h, w, lb, r: (h, w, lb[:-1], r), "leading shape"),
+        (lambda h, w, lb, r: (h, w, torch.where(lb == -100, lb, lb + 100), r), "outside the vocabulary"),
+    ],
+)
+def test_bad_input_is_a_clear_error(mutate, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        fused_linear_masked_cross_entropy(*mutate(*_inputs()), POLICY)
