@@ -19,14 +19,14 @@ CLIP = 0.05
 # name -> (config overrides, DeepSpeed "pipeline" section)
 NO_PARTITION = {"pipe_partitioned": False, "grad_partitioned": False}
 PP2_CONFIGS = {
-    "tied": (dict(), NO_PARTITION),
+    "tied_fused_head": (dict(), NO_PARTITION),
     "untied_recompute": (dict(untie_embeddings_and_output_weights=True, recompute_activations=True), NO_PARTITION),
 }
 TP2_PP2_CONFIGS = {
     # sequence-parallel activations differ across TP ranks: DeepSpeed must not partition them
     "tied_sp": (dict(sequence_parallel=True), NO_PARTITION),
     # replicated activations: DeepSpeed's default partitioning across the TP ranks works
-    "untied_partitioned": (dict(untie_embeddings_and_output_weights=True), {}),
+    "untied_partitioned_fused_head": (dict(untie_embeddings_and_output_weights=True), {}),
 }
 
 
@@ -68,7 +68,7 @@ def _pipeline_body(rank, world_size, tp, configs, batches):
     state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=2)
     out = {}
     for name, (overrides, pipeline_section) in configs.items():
-        module = GPTPipelineModule(_config(**overrides), policy=POLICY)
+        module = GPTPipelineModule(_config(**overrides), policy=POLICY, fused_head="fused_head" in name)
         optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
         ds_config = {
             "train_micro_batch_size_per_gpu": MICRO,

@@ -209,7 +209,7 @@ def _bad_cases():
     return {
         "malformed JSON": ([good, '{"text": "oops"', good], 2, "malformed JSON"),
         "not an object": ([good, "[1, 2]"], 2, "expected a JSON object"),
-        "missing key": ([good, good, json.dumps({"body": "x"})], 3, "missing key 'text'"),
+        "missing key": ([good, good, json.dumps({"body": "x"}), "{broken"], 3, "missing key 'text'"),  # first wins
         "not a string": ([json.dumps({"text": 5})], 1, "expected a string"),
         "span out of range": ([good, json.dumps({"text": "abc", "risk_spans": [[0, 4, 3]]})], 2, "out of range"),
         "overlapping spans": ([json.dumps({"text": "abcdef", "risk_spans": [[0, 4, 3], [2, 6, 1]]})], 1,

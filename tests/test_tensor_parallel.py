@@ -139,6 +139,9 @@ CONFIGS = {
     "gqa_tied_sp": dict(num_query_groups=2, sequence_parallel=True),
     "mha_untied_sp": dict(num_query_groups=4, untie_embeddings_and_output_weights=True, sequence_parallel=True),
     "gqa_untied_recompute": dict(num_query_groups=2, untie_embeddings_and_output_weights=True, recompute_activations=True),
+    # the loss fused with the head (return_hidden): vocab-parallel, no logits
+    "gqa_tied_sp_fused": dict(num_query_groups=2, sequence_parallel=True),
+    "gqa_untied_fused": dict(num_query_groups=2, untie_embeddings_and_output_weights=True),
 }
 
 
@@ -157,12 +160,18 @@ def _batch():
     return tokens, labels, risk
 
 
-def _loss_and_grads(model, tokens, labels, risk):
-    from megatron_slung.model.pipeline import masked_cross_entropy_tp
+def _loss_and_grads(model, tokens, labels, risk, fused=False):
+    from megatron_slung.model.pipeline import fused_linear_masked_cross_entropy_tp, masked_cross_entropy_tp
 
-    logits = model(tokens)
-    out = masked_cross_entropy_tp(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), risk.reshape(-1),
-                                  "0:ce,1:ce,2:ignore,3:unlikelihood")
+    policy = "0:ce,1:ce,2:ignore,3:unlikelihood"
+    if fused:
+        hidden, weight = model(tokens, return_hidden=True)
+        out = fused_linear_masked_cross_entropy_tp(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                                   risk.reshape(-1), policy)
+        logits = hidden @ weight.t()
+    else:
+        logits = model(tokens)
+        out = masked_cross_entropy_tp(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), risk.reshape(-1), policy)
     loss = out.loss_sum / out.num_tokens
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -174,7 +183,7 @@ def _gpt_body(rank, world_size, batch):
     out = {}
     for name, overrides in CONFIGS.items():
         model = GPTModel(_config(**overrides))
-        logits, loss, grads = _loss_and_grads(model, *batch)
+        logits, loss, grads = _loss_and_grads(model, *batch, fused="fused" in name)
         out[name] = (logits, loss, grads, {n: p.detach().clone() for n, p in model.state_dict().items()})
     state.destroy_model_parallel()
     return out
@@ -185,7 +194,7 @@ def test_gpt_model_at_tp2_equals_tp1_logits_loss_and_gradients():
     res = run_distributed(_gpt_body, 2, args=(batch,))
     for name, overrides in CONFIGS.items():
         cfg = _config(**overrides)
-        model = GPTModel(cfg)  # TP=1, same init seed
+        model = GPTModel(cfg)  # TP=1, same init seed (and the unfused loss: one reference for both)
         logits, loss, grads = _loss_and_grads(model, *batch)
         shards = [r[name] for r in res]
         # weights: the TP=2 shards merge into exactly the TP=1 weights (layout-independent init)

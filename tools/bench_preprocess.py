@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -79,17 +80,48 @@ def prepare(args) -> tuple[str, str]:
     return corpus, model
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds used so far by process ``root`` and all its descendants (Linux /proc)."""
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        parent[int(entry)] = int(fields[1])
+        cpu[int(entry)] = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0)
+        todo += [child for child, par in parent.items() if par == pid]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def timed(cmd, marker: str, env=None, cwd=None) -> dict:
-    """Run ``cmd``; seconds from the first output line containing ``marker`` to the exit, and wall time."""
+    """Run ``cmd``; seconds from the first output line containing ``marker`` to the exit, wall time, and the
+    CPU time of the whole process tree: in all, and after the marker (the processing itself)."""
+    cpu0 = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     marked = [None]
+    cpu_at_marker = [0.0]
     lines = []
 
     def read():
         for line in proc.stdout:
             if marked[0] is None and marker in line:
                 marked[0] = time.perf_counter()
+                cpu_at_marker[0] = _tree_cpu(proc.pid)
             lines.append(line)
 
     reader = threading.Thread(target=read)
@@ -101,7 +133,9 @@ def timed(cmd, marker: str, env=None, cwd=None) -> dict:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({rc}):\n{''.join(lines[-30:])}")
     if marked[0] is None:
         raise RuntimeError(f"no line with {marker!r} in the output of {cmd[1]}")
-    return {"seconds": end - marked[0], "wall_s": end - start, "log_tail": "".join(lines[-4:])}
+    cpu = _children_cpu() - cpu0
+    return {"seconds": end - marked[0], "wall_s": end - start, "cpu_s": cpu,
+            "processing_cpu_s": cpu - cpu_at_marker[0], "log_tail": "".join(lines[-4:])}
 
 
 def run_ours(args, corpus, model, workers, out):
@@ -175,18 +209,22 @@ def main(argv=None) -> int:
     for (tool, workers), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0] != "megatron_slung")):
         ref = best.get(("Megatron-LM", workers))
         rows.append({"tool": tool, "workers": workers, "seconds": round(r["seconds"], 2), "wall_s": round(r["wall_s"], 2),
+                     "cpu_s": round(r["cpu_s"], 1), "processing_cpu_s": round(r["processing_cpu_s"], 1),
+                     "mb_per_cpu_s": round(size / 1e6 / max(r["processing_cpu_s"], 1e-9), 3),
                      "mb_per_s": round(r["mb_per_s"], 3), "tokens_per_s": round(r["tokens_per_s"]),
                      "tokens": r["tokens"], "documents": r["documents"],
                      "speedup_vs_megatron": round(ref["seconds"] / r["seconds"], 2) if ref else None,
                      "load_before": round(r["load_before"], 2), "load_after": round(r["load_after"], 2)})
     print(f"\ncorpus: {corpus} ({size / 1e6:.1f} MB), tokenizer: {model}")
     print(f"machine: {machine_info()['cpu']}, {os.cpu_count()} cores")
-    print("| tool | workers | seconds | MB/s | tokens/s | vs Megatron-LM | wall s | load before/after |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tool | workers | seconds | MB/s | tokens/s | vs Megatron-LM | processing CPU s (MB per CPU s) "
+          "| wall s / CPU s of the command | load before/after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['speedup_vs_megatron']:.2f}x" if r["speedup_vs_megatron"] else "-"
         print(f"| {r['tool']} | {r['workers']} | {r['seconds']:.1f} | {r['mb_per_s']:.2f} | {r['tokens_per_s']} | "
-              f"{ratio} | {r['wall_s']:.1f} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
+              f"{ratio} | {r['processing_cpu_s']:.1f} ({r['mb_per_cpu_s']:.2f}) | {r['wall_s']:.1f} / {r['cpu_s']:.1f} | "
+              f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     if identical is not None:
         print(f"tokens identical to Megatron-LM's (tags removed): {'yes' if identical else 'NO'}")
     if args.json:

@@ -122,27 +122,30 @@ class ChunkTagger:
     def tag_chunk(self, chunk):
         cfg = self.config
         lines = decode_lines(chunk)
-        records, line_nos = [], []
-        for i, line in enumerate(lines):
-            record = parse_record(line, chunk.path, chunk.first_line + i)
-            if record is not None:
-                records.append(record)
-                line_nos.append(chunk.first_line + i)
-        per_key = {}
-        for key in cfg.json_keys:
-            texts = [get_text(r, key, chunk.path, ln) for r, ln in zip(records, line_nos)]
-            given = None
-            if cfg.unit == "given":
-                given = []
-                for r, ln, text in zip(records, line_nos, texts):
-                    raw = r.get(cfg.risk_key)
+        records = []
+        texts = {key: [] for key in cfg.json_keys}
+        given = {key: [] for key in cfg.json_keys} if cfg.unit == "given" else None
+        for i, line in enumerate(lines):  # one pass in line order: the first bad line is the one reported
+            line_no = chunk.first_line + i
+            record = parse_record(line, chunk.path, line_no)
+            if record is None:
+                continue
+            records.append(record)
+            for key in cfg.json_keys:
+                text = get_text(record, key, chunk.path, line_no)
+                texts[key].append(text)
+                if given is not None:
+                    raw = record.get(cfg.risk_key)
                     if isinstance(raw, dict):
                         raw = raw.get(key)
+                    elif raw is not None and len(cfg.json_keys) > 1:
+                        raise InputError(chunk.path, line_no, f"{cfg.risk_key!r} is a list but there are several "
+                                                              "--json-keys; give an object {key: spans}")
                     try:
-                        given.append(validate_given(raw, len(text)))
+                        given[key].append(validate_given(raw, len(text)))
                     except ValueError as e:
-                        raise InputError(chunk.path, ln, f"{cfg.risk_key!r}: {e}") from None
-            per_key[key] = self.tagger.tag(texts, given)
+                        raise InputError(chunk.path, line_no, f"{cfg.risk_key!r}: {e}") from None
+        per_key = {key: self.tagger.tag(texts[key], None if given is None else given[key]) for key in cfg.json_keys}
         chars = collections.Counter()
         out = []
         for i, record in enumerate(records):

@@ -206,21 +206,22 @@ class Encoder:
         """Parse, validate and tokenize a chunk; returns flat arrays per key (see module docstring)."""
         opts, tok = self.opts, self.tokenizer
         lines = decode_lines(chunk)
-        records, line_nos = [], []
-        for i, line in enumerate(lines):
-            record = parse_record(line, chunk.path, chunk.first_line + i)
-            if record is not None:
-                records.append(record)
-                line_nos.append(chunk.first_line + i)
-        out = {"records": len(records), "nbytes": len(chunk.data), "keys": {}, "empty_where": []}
-        for key in opts.json_keys:
-            texts, spans, uniform = [], [], []
-            for r, ln in zip(records, line_nos):
-                text = get_text(r, key, chunk.path, ln)
-                doc_spans = self._spans(r, key, text, chunk.path, ln)
+        line_nos = []
+        per_key = {key: ([], [], []) for key in opts.json_keys}  # texts, spans, uniform level
+        for i, line in enumerate(lines):  # one pass in line order: the first bad line is the one reported
+            line_no = chunk.first_line + i
+            record = parse_record(line, chunk.path, line_no)
+            if record is None:
+                continue
+            line_nos.append(line_no)
+            for key, (texts, spans, uniform) in per_key.items():
+                text = get_text(record, key, chunk.path, line_no)
+                doc_spans = self._spans(record, key, text, chunk.path, line_no)
                 texts.append(text)
                 spans.append(doc_spans)
                 uniform.append(self._uniform_level(doc_spans, len(text)))
+        out = {"records": len(line_nos), "nbytes": len(chunk.data), "keys": {}, "empty_where": []}
+        for key, (texts, spans, uniform) in per_key.items():
             enc = tok.encode_flat(texts, offsets=any(u is None for u in uniform))
             levels = token_levels_flat(enc, texts, spans, uniform, opts.default_risk_level)
             ids, bounds = enc.ids, enc.bounds

@@ -25,6 +25,11 @@ def _word(rng: random.Random) -> str:
                    for _ in range(rng.choice((1, 1, 1, 1, 2, 2, 3))))
 
 
+def person_names() -> list[str]:
+    """Made-up full names the generator plants in contact sentences (for the PII tagger)."""
+    return ["Ada Quillfeather", "Boris Tannenholt", "Chiara Vendelmoor", "Dmitri Ashgrove", "Emeka Oyelaran"]
+
+
 def flagged_words(level: int) -> list[str]:
     """The placeholder words the generator plants for risk ``level`` (2 ambiguous, 3 toxic)."""
     return {2: ["grumbleflap", "snarkwhistle"], 3: ["zorblax", "vexmorg", "gnashtooth"]}[level]
@@ -75,11 +80,19 @@ class SyntheticCorpus:
                 s = s[:cut] + "," + s[cut:]
         return s + rng.choice([".", ".", ".", ".", "!", "?"])
 
+    def _contact(self, rng: random.Random) -> str:
+        """A sentence with made-up private data (a name from :func:`person_names`, an e-mail, a phone)."""
+        first, last = rng.choice(person_names()).split()
+        return (f"Write to {first} {last} at {first.lower()}.{last.lower()}@example.org or call "
+                f"+1 555 {rng.randint(100, 999)} {rng.randint(1000, 9999)}.")
+
     def document(self, index: int) -> dict:
         rng = random.Random(self.seed * 1_000_003 + index)
         paragraphs = []
         for _ in range(rng.choice((1, 1, 2, 3, 4))):
             paragraphs.append(" ".join(self._sentence(rng) for _ in range(rng.randint(1, 12))))
+        if rng.random() < 0.02:
+            paragraphs[-1] += " " + self._contact(rng)
         return {"id": index, "text": "\n\n".join(paragraphs)}
 
     def documents(self, n: int, start: int = 0):
@@ -113,3 +126,36 @@ def write_jsonl(path: str, n_docs: int | None = None, target_bytes: int | None =
             size += len(line.encode("utf-8"))
             written += 1
     return written
+
+
+def main(argv=None) -> int:
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(description="Write a seeded synthetic JSONL corpus (and the word lists it plants).")
+    p.add_argument("--output", required=True, help="the JSONL file to write")
+    p.add_argument("--docs", type=int, default=None, help="number of documents")
+    p.add_argument("--size-mb", type=float, default=None, help="or: about this many MB")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--risk-spans", action="store_true", help="add sentence-level risk_spans from the flagged words")
+    p.add_argument("--word-lists", default=None, metavar="DIR",
+                   help="also write DIR/toxic.txt, DIR/ambiguous.txt and DIR/names.txt (what the generator plants)")
+    args = p.parse_args(argv)
+    if (args.docs is None) == (args.size_mb is None):
+        p.error("give --docs or --size-mb")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".tmp"
+    n = write_jsonl(tmp, n_docs=args.docs, target_bytes=None if args.size_mb is None else int(args.size_mb * 1e6),
+                    seed=args.seed, risk_spans=args.risk_spans)
+    os.replace(tmp, args.output)
+    if args.word_lists:
+        os.makedirs(args.word_lists, exist_ok=True)
+        for name, words in (("toxic", flagged_words(3)), ("ambiguous", flagged_words(2)), ("names", person_names())):
+            with open(os.path.join(args.word_lists, f"{name}.txt"), "w", encoding="utf-8") as f:
+                f.write("".join(w + "\n" for w in words))
+    print(f"wrote {n} documents to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

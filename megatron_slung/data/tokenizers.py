@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -279,12 +280,18 @@ class SentencePieceTokenizer:
             w[0] = _FIRST + w[0]
             words.extend(w)
             counts.append(len(w))
-        missing = set(words).difference(self._word_row)
+        # One dictionary pass; only the (few) misses are visited again.
+        table = self._word_row
+        found = list(map(table.get, words))
         self.cache_lookups += len(words)
-        self.cache_misses += len(missing)
-        if missing:
-            self._add_words(list(missing))
-        rows = np.fromiter(map(self._word_row.__getitem__, words), dtype=np.int64, count=len(words))
+        if None in found:
+            where = list(itertools.compress(range(len(words)), map(operator.is_, found, itertools.repeat(None))))
+            missing = list(dict.fromkeys(words[i] for i in where))
+            self.cache_misses += len(missing)
+            self._add_words(missing)
+            for i in where:
+                found[i] = table[words[i]]
+        rows = np.fromiter(found, dtype=np.int64, count=len(found))
         lens = self._wlen[rows]
         seg_end = np.cumsum(lens)
         total = int(seg_end[-1]) if len(seg_end) else 0

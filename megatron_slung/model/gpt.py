@@ -70,7 +70,10 @@ from megatron_slung.parallel.layers import (
     split_for_tensor_parallel,
     tensor_parallel_input,
 )
-from megatron_slung.parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron_slung.parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron_slung.parallel.random import checkpoint, get_rng_tracker
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -457,6 +460,16 @@ def lm_head_input(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor
     return tensor_parallel_input(hidden, sequence_parallel).transpose(0, 1)
 
 
+def fused_head_input(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """The head input [B, S, H] for a fused linear + loss that sums the hidden gradient over the TP group
+    itself (``megatron_slung.loss.fused_linear_masked_cross_entropy`` does): full sequence, replicated,
+    and no all-reduce of its gradient here (with sequence parallelism each rank keeps its own slice of
+    the already complete gradient)."""
+    if sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return hidden.transpose(0, 1)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, config: GPTConfig, layer_numbers=None):
         super().__init__()
@@ -501,10 +514,12 @@ class GPTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *, return_hidden: bool = False):
         """tokens [B, S] -> logits [B, S, V/tp] (fp32 when the model is fp32; the vocab shard of this TP rank).
 
-        With ``return_hidden=True`` returns ``(hidden [B, S, H], weight [V/tp, H])`` instead, where
-        ``logits = hidden @ weight.T``: hidden is after the final norm and already the input of the
-        vocab-parallel head (full sequence, gradient summed over TP), for a fused linear + loss that
-        never materialises the logits.
+        With ``return_hidden=True`` returns ``(hidden [B, S, H], weight [V/tp, H])`` instead, for a fused
+        linear + loss that never materialises the logits (``logits = hidden @ weight.T``): hidden is after
+        the final norm, full sequence, the same on every TP rank, and (see ``fused_head_input``) the
+        consumer must return its *complete* gradient on every TP rank, as
+        ``fused_linear_masked_cross_entropy`` does by all-reducing it over the TP group. (At TP = 1 any
+        consumer will do.)
         """
         b, s = tokens.shape
         c = self.config
@@ -514,7 +529,7 @@ class GPTModel(nn.Module):
             x = layer(x, cos, sin)
         x = self.decoder.final_layernorm(x)
         if return_hidden:
-            return lm_head_input(x, c.sequence_parallel), self.output_weight()
+            return fused_head_input(x, c.sequence_parallel), self.output_weight()
         return vocab_parallel_logits(x, self.output_weight(), c.sequence_parallel)
 
     def num_parameters(self, include_embeddings: bool = True) -> int:

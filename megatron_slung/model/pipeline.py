@@ -7,7 +7,9 @@ indices), for L transformer layers:
     1..L     TransformerLayer i-1    hidden -> hidden                   ("decoder.layers.{i-1}.")
     L+1      FinalNormPipe           hidden -> hidden                   ("decoder.final_layernorm.")
     L+2      OutputLayerPipe         hidden -> logits [B, S, V/tp]      ("output_layer.", untied)
-             or the tied embedding (same module as layer 0, key "embed"), with forward_fn = the head
+             or the tied embedding (same module as layer 0, key "embed"), with forward_fn = the head;
+             with ``fused_head`` the head returns (head input [B, S, H], weight [V/tp, H]) instead and
+             the loss runs the fused linear + masked CE
 
 Between stages travels one tensor, hidden [S, B, H] ([S/tp, B, H] with sequence parallelism).
 Positions are always 0..S-1 in the pipeline. The weights equal ``GPTModel``'s for the same config
@@ -51,12 +53,12 @@ from megatron_slung.model.gpt import (
     GPTConfig,
     RMSNorm,
     TransformerLayer,
+    fused_head_input,
     normal_init,
     vocab_parallel_logits,
 )
 from megatron_slung.parallel import state
 from megatron_slung.parallel.layers import ColumnParallelLinear
-from megatron_slung.parallel.mappings import gather_from_tensor_model_parallel_region
 
 TIED_EMBEDDING_KEY = "embed"
 
@@ -76,26 +78,38 @@ class FinalNormPipe(RMSNorm):
                          params_dtype=config.params_dtype)
 
 
-class OutputLayerPipe(ColumnParallelLinear):
-    """The untied head: hidden [S, B, H] -> logits [B, S, V/tp] (same weight as GPTModel.output_layer)."""
+def _head(hidden, weight, sequence_parallel: bool, fused: bool):
+    if fused:  # (head input [B, S, H], weight [V/tp, H]) for the fused linear + loss
+        return fused_head_input(hidden, sequence_parallel), weight
+    return vocab_parallel_logits(hidden, weight, sequence_parallel)
 
-    def __init__(self, config: GPTConfig):
+
+class OutputLayerPipe(ColumnParallelLinear):
+    """The untied head: hidden [S, B, H] -> logits [B, S, V/tp] (same weight as GPTModel.output_layer),
+    or with ``fused_head`` the pair (head input [B, S, H], weight [V/tp, H])."""
+
+    def __init__(self, config: GPTConfig, fused_head: bool = False):
         super().__init__(
             config.hidden_size, config.vocab_size,
             init_method=normal_init(config.init_method_std, config.init_seed, "output_layer.weight"),
             sequence_parallel=config.sequence_parallel,
             params_dtype=config.params_dtype,
         )
+        self.fused_head = fused_head
 
     def forward(self, hidden):
-        return vocab_parallel_logits(hidden, self.weight, self.sequence_parallel)
+        return _head(hidden, self.weight, self.sequence_parallel, self.fused_head)
 
 
 def _tied_head(embedding: EmbeddingPipe, hidden):
-    return vocab_parallel_logits(hidden, embedding.word_embeddings.weight, embedding.config.sequence_parallel)
+    return _head(hidden, embedding.word_embeddings.weight, embedding.config.sequence_parallel, False)
 
 
-def gpt_layer_specs(config: GPTConfig) -> list:
+def _tied_fused_head(embedding: EmbeddingPipe, hidden):
+    return _head(hidden, embedding.word_embeddings.weight, embedding.config.sequence_parallel, True)
+
+
+def gpt_layer_specs(config: GPTConfig, fused_head: bool = False) -> list:
     """The pipeline layer list (see the module docstring for the indices)."""
     tied = not config.untie_embeddings_and_output_weights
     specs: list = [
@@ -105,10 +119,11 @@ def gpt_layer_specs(config: GPTConfig) -> list:
     specs += [LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)]
     specs.append(LayerSpec(FinalNormPipe, config))
     if tied:
-        specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, config, forward_fn=_tied_head,
+        specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, config,
+                                   forward_fn=_tied_fused_head if fused_head else _tied_head,
                                    tied_weight_attr=["word_embeddings.weight"]))
     else:
-        specs.append(LayerSpec(OutputLayerPipe, config))
+        specs.append(LayerSpec(OutputLayerPipe, config, fused_head))
     return specs
 
 
@@ -131,21 +146,25 @@ def loss_scale_for_global_batch(num_loss_tokens: int, gradient_accumulation_step
 
 
 def masked_cross_entropy_tp(logits2d: torch.Tensor, labels: torch.Tensor, risk: torch.Tensor, policy, **kwargs):
-    """The masked CE over vocab-parallel logits [N, V/tp].
-
-    Uses ``megatron_slung.loss.masked_cross_entropy`` (the kernel, vocab-parallel) when it exists;
-    until then the torch reference, which at TP > 1 first gathers the full logits (correct, but
-    with a [N, V] buffer per rank)."""
-    import megatron_slung.loss as loss_pkg
+    """The masked CE of vocab-parallel logits [N, V/tp]: ``megatron_slung.loss.masked_cross_entropy``
+    on this rank's TP group (plain when TP = 1). Returns its ``MaskedCEOutput``."""
+    from megatron_slung.loss import masked_cross_entropy
 
     tp = state.get_tensor_model_parallel_world_size()
-    kernel = getattr(loss_pkg, "masked_cross_entropy", None)
-    if kernel is not None:
-        group = state.get_tensor_model_parallel_group() if tp > 1 else None
-        return kernel(logits2d, labels, risk, policy, tp_group=group, **kwargs)
-    if tp > 1:
-        logits2d = gather_from_tensor_model_parallel_region(logits2d)
-    return loss_pkg.masked_cross_entropy_reference(logits2d, labels, risk, policy, **kwargs)
+    group = state.get_tensor_model_parallel_group() if tp > 1 else None
+    return masked_cross_entropy(logits2d, labels, risk, policy, tp_group=group, **kwargs)
+
+
+def fused_linear_masked_cross_entropy_tp(hidden2d: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                         risk: torch.Tensor, policy, **kwargs):
+    """The masked CE of ``hidden2d [N, H] @ weight.T`` (weight: this rank's vocab rows [V/tp, H]) without
+    the logits: ``megatron_slung.loss.fused_linear_masked_cross_entropy`` on the TP group. ``hidden2d`` is
+    the head input as ``GPTModel.forward(..., return_hidden=True)`` returns it (flattened)."""
+    from megatron_slung.loss import fused_linear_masked_cross_entropy
+
+    tp = state.get_tensor_model_parallel_world_size()
+    group = state.get_tensor_model_parallel_group() if tp > 1 else None
+    return fused_linear_masked_cross_entropy(hidden2d, weight, labels, risk, policy, tp_group=group, **kwargs)
 
 
 class PipelineLoss:
@@ -178,7 +197,8 @@ class PipelineLoss:
         stats, self._stats = self._stats, None
         return stats
 
-    def __call__(self, logits: torch.Tensor, labels):
+    def __call__(self, outputs, labels):
+        """``outputs``: logits [B, S, V/tp], or (head input [B, S, H], weight [V/tp, H]) from a fused head."""
         if not isinstance(labels, (tuple, list)) or len(labels) not in (2, 3):
             raise ValueError("PipelineLoss: labels must be (labels, risk) or (labels, risk, loss_mask)")
         target, risk = labels[0], labels[1]
@@ -186,11 +206,14 @@ class PipelineLoss:
             target = target.masked_fill(labels[2] == 0, self.ignore_index)
         if risk.dtype != torch.uint8:
             risk = risk.to(torch.uint8)
-        vocab_shard = logits.shape[-1]
-        out = masked_cross_entropy_tp(
-            logits.reshape(-1, vocab_shard), target.reshape(-1), risk.reshape(-1), self.policy,
-            ignore_index=self.ignore_index, **self.kwargs,
-        )
+        common = dict(ignore_index=self.ignore_index, **self.kwargs)
+        if isinstance(outputs, (tuple, list)):
+            hidden, weight = outputs
+            out = fused_linear_masked_cross_entropy_tp(
+                hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), risk.reshape(-1), self.policy, **common)
+        else:
+            out = masked_cross_entropy_tp(
+                outputs.reshape(-1, outputs.shape[-1]), target.reshape(-1), risk.reshape(-1), self.policy, **common)
         self._accumulate(out)
         if self.scale is None:
             return out.loss_sum / out.num_tokens.clamp(min=1).to(out.loss_sum.dtype)
@@ -218,11 +241,13 @@ class GPTPipelineModule(PipelineModule):
     with the same ``ParallelDims``' topology (``topology=state.get_parallel_dims().deepspeed_topology()``,
     the default). ``partition_method``: ``"uniform"`` (the same number of transformer layers per stage),
     ``"parameters"`` (balance parameter counts; the embedding and head weigh in) or any of DeepSpeed's
-    (``"type:REGEX"``). ``loss_fn`` defaults to ``PipelineLoss(policy)``.
+    (``"type:REGEX"``). ``loss_fn`` defaults to ``PipelineLoss(policy)``. ``fused_head``: the last
+    layer hands (head input, weight) to the loss, which runs the fused linear + masked CE and never
+    materialises the [B, S, V/tp] logits.
     """
 
     def __init__(self, config: GPTConfig, *, topology=None, loss_fn=None, policy="ce",
-                 partition_method: str = "uniform"):
+                 partition_method: str = "uniform", fused_head: bool = False):
         dims = state.get_parallel_dims()
         topology = topology or dims.deepspeed_topology()
         config.validate_parallel(topology.get_dim("model"), topology.get_dim("pipe"))
@@ -234,7 +259,7 @@ class GPTPipelineModule(PipelineModule):
         self.config = config
         method = {"uniform": "type:TransformerLayer"}.get(partition_method, partition_method)
         super().__init__(
-            layers=gpt_layer_specs(config),
+            layers=gpt_layer_specs(config, fused_head),
             topology=topology,
             loss_fn=loss_fn if loss_fn is not None else PipelineLoss(policy),
             partition_method=method,
@@ -290,4 +315,5 @@ __all__ = [
     "pipeline_layer_prefixes",
     "loss_scale_for_global_batch",
     "masked_cross_entropy_tp",
+    "fused_linear_masked_cross_entropy_tp",
 ]
