@@ -44,7 +44,10 @@ def main(argv=None) -> int:
         full, config = hf_checkpoint.load_hf_directory(args.load, args.make_vocab_size_divisible_by, tp)
         with tempfile.TemporaryDirectory(prefix="slung-tokenizer-") as tmp:
             tokenizer_dir = None
-            if not args.no_tokenizer:
+            names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+            if not any(os.path.isfile(os.path.join(args.load, n)) for n in names):
+                print(f"[convert_from_hf] {args.load} has no tokenizer files; none copied", file=sys.stderr)
+            elif not args.no_tokenizer:
                 try:
                     AutoTokenizer.from_pretrained(args.load, local_files_only=True).save_pretrained(tmp)
                     tokenizer_dir = tmp
