@@ -4,8 +4,9 @@
     python tools/convert_from_hf.py --load HF_DIR --save CKPT \\
         --tensor-model-parallel-size T --pipeline-model-parallel-size P
 
-Then continue pretraining it with the selective loss (the SLUNG setup): pass ``--load CKPT`` to the
-trainer with ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model CKPT/tokenizer``. The weights are
+Then continue pretraining it with the selective loss (the SLUNG setup): pass ``--load CKPT --finetune``
+to ``python -m megatron_slung.pretrain`` with the same model flags, the same TP/PP, and
+``--tokenizer-type HuggingFaceTokenizer --tokenizer-model CKPT/tokenizer``. The weights are
 written in DeepSpeed's layout for the chosen TP/PP (no optimizer state: the run starts at iteration 0).
 The vocabulary is padded with zero rows to a multiple of --make-vocab-size-divisible-by and of T.
 Name mapping: megatron_slung/model/hf_llama.py.
