@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 
 import pytest
 
 pytest.importorskip("sklearn")
+
+from megatron_slung.eval.__main__ import main as eval_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,8 +25,8 @@ def readme_commands(section: str = "## Evaluation") -> list[str]:
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
-@pytest.mark.slow  # about 1.5 minutes: nine fresh Python processes
-def test_readme_evaluation_commands(tmp_path):
+@pytest.mark.slow  # about a minute: four fresh Python processes, the evaluations in this one
+def test_readme_evaluation_commands(tmp_path, monkeypatch):
     for name in ("examples", "tools"):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SLUNG_NO_PROGRESS": "1", "HF_HOME": str(tmp_path / "hf_home"),
@@ -32,6 +35,11 @@ def test_readme_evaluation_commands(tmp_path):
     assert len(commands) >= 10
     for cmd in commands:
         if cmd.startswith("HF_DATASETS_OFFLINE=1"):  # lm_eval: run by tests/test_eval_lm_harness.py
+            continue
+        if cmd.startswith("python -m megatron_slung.eval "):  # the same argv, in this process (saves the imports)
+            monkeypatch.chdir(tmp_path)
+            monkeypatch.setenv("SLUNG_NO_PROGRESS", "1")
+            assert eval_main(shlex.split(cmd)[3:]) == 0, cmd
             continue
         proc = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
