@@ -1,0 +1,81 @@
+"""Model exchange with the real trainer: its checkpoints export to HF with the same logits, and an HF import
+loads into `--load CKPT --finetune` with exactly the HF model's weights (its first loss is the HF model's)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from megatron_slung.model import hf_checkpoint  # noqa: E402
+from megatron_slung.model.gpt import GPTModel  # noqa: E402
+from tests.distributed import run_distributed  # noqa: E402
+from tests.pretrain_helpers import TINY, pretrain_body, read_jsonl, run_cli, train_records  # noqa: E402
+from tools import convert_from_hf, convert_to_hf  # noqa: E402
+
+
+def _export_and_compare(ckpt, out):
+    full, cfg, meta = hf_checkpoint.read_checkpoint(str(ckpt))
+    assert meta["args"]["num_layers"] == 4 and cfg.vocab_size == 256
+    model = GPTModel(cfg).eval()
+    model.load_state_dict(full)
+    assert convert_to_hf.main(["--load", str(ckpt), "--output", str(out)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() <= 1e-4
+    return hf, full
+
+
+def test_trainer_checkpoint_exports_and_an_import_finetunes(tmp_path):
+    save = tmp_path / "ckpt"
+    run = run_cli(TINY + ["--train-iters", "2", "--save", save])
+    assert run.returncode == 0, run.stderr[-3000:]
+    hf, trained = _export_and_compare(save, tmp_path / "hf")
+    fresh = GPTModel(hf_checkpoint.read_checkpoint(str(save))[1]).state_dict()
+    assert not torch.equal(fresh["decoder.layers.0.mlp.linear_fc1.weight"], trained["decoder.layers.0.mlp.linear_fc1.weight"])
+
+    # Import the export and fine-tune from it: iteration 1's loss is the HF model's loss on the first batch.
+    imported = tmp_path / "imported"
+    assert convert_from_hf.main(["--load", str(tmp_path / "hf"), "--save", str(imported)]) == 0
+    metrics = tmp_path / "m.jsonl"
+    run = run_cli(TINY + ["--train-iters", "1", "--lr-warmup-iters", "0", "--load", imported, "--finetune",
+                          "--metrics-jsonl", metrics])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "loaded the weights of" in run.stdout
+    rec = train_records(read_jsonl(metrics))[0]
+
+    from megatron_slung.loss import masked_cross_entropy_reference
+    from megatron_slung.training.arguments import parse_args
+    from megatron_slung.training.data import MockGPTDataset, to_micro_batch
+
+    args = parse_args(TINY + ["--train-iters", "1", "--lr-warmup-iters", "0"], world_size=1)
+    data = MockGPTDataset(8, 32, 256, seed=args.seed)
+    batch = to_micro_batch({k: torch.stack([data[i][k] for i in range(8)]) for k in data[0]})
+    with torch.no_grad():
+        logits = hf(batch.tokens).logits
+    out = masked_cross_entropy_reference(logits.reshape(-1, 256), batch.labels.reshape(-1), batch.risk.reshape(-1),
+                                         args.risk_loss_policy)
+    assert rec["loss"] == pytest.approx(float(out.loss_sum / out.num_tokens), rel=1e-4)
+
+
+def _train_body(rank, world_size, argv):
+    return pretrain_body(rank, world_size, argv)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("flag,expect", [("--pipeline-model-parallel-size", "layer_05-model_00-model_states.pt"),
+                                         ("--tensor-model-parallel-size", "mp_rank_01_model_states.pt")],
+                         ids=["pp2", "tp2"])
+def test_parallel_trainer_checkpoint_exports(tmp_path, flag, expect):
+    """A PP=2 run's DeepSpeed pipeline files (layer_XX-model_00) and a TP=2 run's mp_rank shards export
+    with the same logits."""
+    save = tmp_path / "ckpt"
+    argv = [str(a) for a in TINY + ["--train-iters", "2", flag, "2", "--save", save]]
+    run_distributed(_train_body, 2, args=(argv,))
+    tag_dir = save / (save / "latest").read_text().strip()
+    assert os.path.isfile(tag_dir / expect)
+    _export_and_compare(save, tmp_path / "hf")
