@@ -73,6 +73,7 @@ setup(
         "tensorboard",
         "safetensors",
         "zstandard",
+        "pyyaml",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],
