@@ -95,6 +95,7 @@ static bool use_avx2() {
 // it is a small fraction. The advice only changes how the pages are mapped, never the values.
 static at::Tensor new_grad_buffer(const at::Tensor& logits) {
   at::Tensor g = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (!g.is_cpu()) return g;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(g.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
