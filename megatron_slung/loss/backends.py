@@ -72,7 +72,8 @@ def finish(
     z_grad = 2.0 * z_loss * lse
     eps = label_smoothing
 
-    loss_ce = weight * ((1.0 - eps) * ce + eps * (lse - sx / vocab_size) + z_term)
+    smoothed = ce if eps == 0 else (1.0 - eps) * ce + eps * (lse - sx / vocab_size)  # no 0 * inf with -inf logits
+    loss_ce = weight * (smoothed + z_term)
 
     log_p = xt - lse
     one_minus_p = -torch.expm1(log_p)
