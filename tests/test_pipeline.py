@@ -157,6 +157,22 @@ def test_tp2_by_pp2_deepspeed_pipeline_matches_the_plain_model():
     _check_against_reference(results, TP2_PP2_CONFIGS, tp=2)
 
 
+@pytest.mark.parametrize("untie", [False, True])
+def test_layer_parameter_counts_match_built_layers_and_names_map_to_gpt_model(untie):
+    from megatron_slung.model.pipeline import gpt_layer_specs, pipeline_layer_parameter_counts
+
+    cfg = _config(num_layers=2, untie_embeddings_and_output_weights=untie)
+    layers = [spec.build() for spec in gpt_layer_specs(cfg)]
+    assert pipeline_layer_parameter_counts(cfg) == [sum(p.numel() for p in m.parameters()) for m in layers]
+    # each layer's own state dict, under its prefix, is GPTModel's state dict (same weights too)
+    model_sd = GPTModel(cfg).state_dict()
+    mapped = {}
+    for layer, prefix in zip(layers, pipeline_layer_prefixes(cfg)):
+        if prefix is not None:
+            mapped.update({prefix + k: v for k, v in layer.state_dict().items()})
+    assert set(mapped) == set(model_sd) and all(torch.equal(mapped[k], model_sd[k]) for k in model_sd)
+
+
 def test_pipeline_layer_prefixes_and_loss_scale():
     cfg = _config(num_layers=2)
     assert pipeline_layer_prefixes(cfg) == ["embedding.", "decoder.layers.0.", "decoder.layers.1.",

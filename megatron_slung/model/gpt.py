@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -546,6 +546,19 @@ def compile_transformer_layers(module: nn.Module, **compile_kwargs) -> int:
     for layer in layers:
         layer.compile_body(**compile_kwargs)
     return len(layers)
+
+
+# --------------------------------------------------------------------------- pipeline checkpoints
+def pipeline_layer_prefixes(config: GPTConfig) -> List[Optional[str]]:
+    """For each layer index of the pipeline (``megatron_slung.model.pipeline``; DeepSpeed's checkpoint
+    files ``layer_XX-model_YY-model_states.pt``), the ``GPTModel`` name prefix of its parameters:
+    ``GPTModel name = prefix + name inside the layer file``. None: no parameters of its own (the tied
+    head, whose weight is layer 0's)."""
+    prefixes: List[Optional[str]] = ["embedding."]
+    prefixes += [f"decoder.layers.{i}." for i in range(config.num_layers)]
+    prefixes.append("decoder.final_layernorm.")
+    prefixes.append("output_layer." if config.untie_embeddings_and_output_weights else None)
+    return prefixes
 
 
 # --------------------------------------------------------------------------- TP state dicts

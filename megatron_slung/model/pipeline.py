@@ -55,6 +55,7 @@ from megatron_slung.model.gpt import (
     TransformerLayer,
     fused_head_input,
     normal_init,
+    pipeline_layer_prefixes,
     vocab_parallel_logits,
 )
 from megatron_slung.parallel import state
@@ -127,15 +128,14 @@ def gpt_layer_specs(config: GPTConfig, fused_head: bool = False) -> list:
     return specs
 
 
-def pipeline_layer_prefixes(config: GPTConfig) -> List[Optional[str]]:
-    """For each pipeline layer index, the ``GPTModel`` name prefix of its parameters (None: no own
-    parameters, i.e. the tied head, whose weight is layer 0's). For checkpoint converters:
-    ``GPTModel name = prefix + name inside the layer file``."""
-    prefixes: List[Optional[str]] = ["embedding."]
-    prefixes += [f"decoder.layers.{i}." for i in range(config.num_layers)]
-    prefixes.append("decoder.final_layernorm.")
-    prefixes.append("output_layer." if config.untie_embeddings_and_output_weights else None)
-    return prefixes
+def pipeline_layer_parameter_counts(config: GPTConfig) -> List[int]:
+    """Parameters of each pipeline layer (full size; the tied head counts its embedding again),
+    for ``partition_method="parameters"``."""
+    c = config
+    h, d = c.hidden_size, c.head_dim
+    layer = (h * (c.num_attention_heads + 2 * c.num_query_groups) * d + c.num_attention_heads * d * h
+             + 3 * h * c.ffn_hidden_size + 2 * h)
+    return [c.vocab_size * h] + [layer] * c.num_layers + [h, c.vocab_size * h]
 
 
 # --------------------------------------------------------------------------- the loss
@@ -277,11 +277,7 @@ class GPTPipelineModule(PipelineModule):
     def _count_layer_params(self):
         # DeepSpeed's version builds every layer of the whole model on every rank just to count;
         # the config knows the counts.
-        c = self.config
-        h, d = c.hidden_size, c.head_dim
-        layer = (h * (c.num_attention_heads + 2 * c.num_query_groups) * d + c.num_attention_heads * d * h
-                 + 3 * h * c.ffn_hidden_size + 2 * h)
-        return [c.vocab_size * h] + [layer] * c.num_layers + [h, c.vocab_size * h]
+        return pipeline_layer_parameter_counts(self.config)
 
     def _synchronize_tied_weights(self):
         # DeepSpeed broadcasts the tied parameters in place; outside no_grad autograd records it.
@@ -313,6 +309,7 @@ __all__ = [
     "PipelineLoss",
     "gpt_layer_specs",
     "pipeline_layer_prefixes",
+    "pipeline_layer_parameter_counts",
     "loss_scale_for_global_batch",
     "masked_cross_entropy_tp",
     "fused_linear_masked_cross_entropy_tp",
