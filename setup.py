@@ -28,9 +28,15 @@ def _with_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _cxx_std() -> str:
+    # torch >= 2.14's headers need C++20; older ones build with C++17
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def _extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", _cxx_std(), "-fopenmp"]
     if not _with_cuda():
         return CppExtension(
             "megatron_slung._C",
@@ -50,7 +56,7 @@ def _extension():
         define_macros=[("SLUNG_WITH_CUDA", "1")],
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+            "nvcc": ["-O3", _cxx_std(), "--use_fast_math", "-lineinfo"],
         },
         extra_link_args=["-fopenmp"],
     )
@@ -73,6 +79,7 @@ setup(
         "tensorboard",
         "safetensors",
         "zstandard",
+        "pyyaml",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],

@@ -77,7 +77,9 @@ SLUNG_HD RowResult<acc_t> finish_row(int mode, acc_t weight, acc_t lse, acc_t xt
   }
   // ce with label smoothing e: (1 - e) * ce + e * (lse - mean_j x_j)
   const acc_t e = acc_t(o.label_smoothing);
-  r.loss = weight * ((acc_t(1) - e) * r.ce + e * (lse - sx / acc_t(o.vocab)) + z_term);
+  // (the smoothing term is left out at e = 0: with -inf logits, e.g. masked vocab padding, sx is -inf)
+  const acc_t smoothed = e == acc_t(0) ? r.ce : (acc_t(1) - e) * r.ce + e * (lse - sx / acc_t(o.vocab));
+  r.loss = weight * (smoothed + z_term);
   r.a = weight * (acc_t(1) + z_grad);
   r.b = weight * (acc_t(1) - e);
   r.c = -weight * e / acc_t(o.vocab);

@@ -14,7 +14,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -93,8 +95,18 @@ static bool use_avx2() {
 // A new logits-sized gradient buffer. On Linux it is advised to use transparent huge pages: first touching
 // hundreds of MB in 4 KB pages costs as much as the whole kernel (one page fault per 4 KB); with 2 MB pages
 // it is a small fraction. The advice only changes how the pages are mapped, never the values.
+// SLUNG_NO_THP=1 turns the advice off.
+static bool use_thp() {
+  static const bool on = [] {
+    const char* v = std::getenv("SLUNG_NO_THP");
+    return v == nullptr || std::string(v) != "1";
+  }();
+  return on;
+}
+
 static at::Tensor new_grad_buffer(const at::Tensor& logits) {
   at::Tensor g = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (!g.is_cpu() || !use_thp()) return g;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(g.data_ptr()) + kHuge - 1) & ~(kHuge - 1);

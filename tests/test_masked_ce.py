@@ -193,3 +193,47 @@ def test_bad_policy_and_options_are_clear_errors():
         masked_cross_entropy(logits, labels, risk, "ce", label_smoothing=1.5)
     with pytest.raises(ValueError, match="impl must be"):
         masked_cross_entropy(logits, labels, risk, "ce", impl="fast")
+
+
+@pytest.mark.skipif(not HAVE_CPU_KERNEL, reason="no C++ kernel")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 7, 2047, 2048, 2049, 4099, 6145])
+def test_kernel_odd_sizes_and_chunk_boundaries(dtype, vocab):
+    # V not a multiple of the vector width, and rows spanning several 2048-element chunks
+    logits, labels, risk = _inputs(n=11, v=vocab, dtype=dtype, seed=vocab)
+    labels[2] = vocab - 1
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    ours, g_ours = _run(masked_cross_entropy, logits, labels, risk, "unlikelihood", impl="kernel", **kw)
+    ref, g_ref = _run(masked_cross_entropy_reference, logits.double(), labels, risk, "unlikelihood", **kw)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype]
+    assert abs(ours.loss_sum.item() - ref.loss_sum.item()) <= max(tol, 1e-5) * max(1.0, abs(ref.loss_sum.item()))
+    assert ((g_ours.double() - g_ref).norm() / g_ref.norm().clamp(min=1e-30)).item() < tol
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_minus_inf_logits_such_as_masked_vocab_padding(impl):
+    logits, labels, risk = _inputs(n=9, v=5000, dtype=torch.float32)
+    logits[:, 2048:4200] = float("-inf")  # a whole chunk and more of the row is -inf
+    labels = torch.where((labels >= 2048) & (labels < 4200), labels - 2048, labels)
+    ours, g_ours = _run(masked_cross_entropy, logits, labels, risk, "unlikelihood", impl=impl, z_loss=1e-3)
+    ref, g_ref = _run(masked_cross_entropy_reference, logits, labels, risk, "unlikelihood", z_loss=1e-3)
+    assert torch.isfinite(ours.loss_sum) and torch.isfinite(g_ours).all()
+    torch.testing.assert_close(ours.loss_sum, ref.loss_sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(g_ours[:, 2048:4200] == 0)
+
+
+@pytest.mark.skipif(not HAVE_CPU_KERNEL, reason="no C++ kernel")
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    logits, labels, risk = _inputs(n=64, v=3001, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_run(masked_cross_entropy, logits, labels, risk, "masked", impl="kernel"))
+    finally:
+        torch.set_num_threads(threads)
+    (a, ga), (b, gb) = results
+    assert torch.equal(a.loss_sum, b.loss_sum) and torch.equal(a.level_ce_sum, b.level_ce_sum)
+    assert torch.equal(ga, gb)

@@ -154,3 +154,45 @@ def test_bad_flags_fail_at_start_with_a_clear_message(tmp_path):
     assert "Traceback" not in proc.stderr
     help_text = run_cli(["--help"])
     assert help_text.returncode == 0 and "--risk-loss-policy" in help_text.stdout and "--tensor-model-parallel-size" in help_text.stdout
+
+
+# --------------------------------------------------------------------------- real data
+def test_trains_on_a_dataset_made_by_the_tools(tmp_path):
+    """synthetic corpus -> tokenizer -> risk tags -> preprocessing -> pretrain with the masked policy."""
+    import sys
+
+    from tests.pretrain_helpers import ROOT, env
+
+    def tool(*args):
+        proc = __import__("subprocess").run([sys.executable, *map(str, args)], cwd=ROOT, env=env(),
+                                            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    tool("-m", "megatron_slung.data.synthetic", "--output", tmp_path / "raw.jsonl", "--docs", 300,
+         "--word-lists", tmp_path / "lists")
+    tool("tools/train_tokenizer.py", "--input", tmp_path / "raw.jsonl", "--output-prefix", tmp_path / "spm",
+         "--vocab-size", 1000)
+    tool("tools/tag_risk.py", "--input", tmp_path / "raw.jsonl", "--output", tmp_path / "tagged.jsonl", "--unit",
+         "sentence", "--tagger", "lexicon", "--lexicon", f"3:{tmp_path / 'lists' / 'toxic.txt'}", "--lexicon",
+         f"2:{tmp_path / 'lists' / 'ambiguous.txt'}")
+    tool("tools/preprocess_data.py", "--input", tmp_path / "tagged.jsonl", "--output-prefix", tmp_path / "data" / "d",
+         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tmp_path / "spm.model", "--append-eod")
+    args = [a for a in TINY if a not in ("--mock-data",)]
+    args[args.index("--vocab-size"):args.index("--vocab-size") + 2] = []
+    proc = run_cli(args + ["--train-iters", "4", "--data-path", tmp_path / "data" / "d_text_document",
+                           "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tmp_path / "spm.model",
+                           "--risk-loss-policy", "masked", "--split", "90,10,0", "--eval-iters", "1",
+                           "--data-cache-path", tmp_path / "cache", "--save", tmp_path / "ckpt",
+                           "--metrics-jsonl", tmp_path / "m.jsonl"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "vocab 1000 (padded 1024)" in proc.stdout
+    records = read_jsonl(tmp_path / "m.jsonl")
+    assert [r["kind"] for r in records] == ["train"] * 4 + ["valid"]
+    levels = {}
+    for r in train_records(records):
+        for level, info in r["levels"].items():
+            levels[level] = info["mode"]
+    risky = {"2", "3"} & set(levels)
+    assert risky and all(levels[lv] == "ignore" for lv in risky)  # risky tokens seen, not trained on
+    assert levels.get("1") == "ce"
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000004"

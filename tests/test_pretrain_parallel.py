@@ -1,7 +1,7 @@
 """The job on several gloo processes: every parallel layout trains the same model as one process.
 
-TP=2, PP=2, DP=2 and TP x PP = 2 x 2 (with sequence parallelism) each give the single-process losses within
-1e-4 (fp32) for 10 iterations; ZeRO 1, 2 and 3 give ZeRO 0's; two "nodes" started by two torchrun commands
+TP=2, PP=2, DP=2, TP x PP = 2 x 2 (with sequence parallelism) and TP=2 with the fused linear loss each give the
+single-process losses within 1e-4 (fp32) for 10 iterations; ZeRO 1, 2 and 3 give ZeRO 0's; two "nodes" started by two torchrun commands
 over 127.0.0.1 train like one process; the loss is normalised over the whole global batch; a NaN step is
 skipped in a pipeline too.
 """
@@ -67,7 +67,12 @@ def test_tensor_by_pipeline_parallel_with_sequence_parallel_matches_one_process(
     _assert_same_training(got, single)
 
 
-@pytest.mark.slow
+def test_fused_linear_loss_with_tensor_and_sequence_parallelism_matches_one_process(single):
+    """The chunked output-layer + loss (no logits), vocab-parallel, against the plain single-process run."""
+    got = _run(2, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--fused-linear-ce")
+    _assert_same_training(got, single)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_match_zero_0(data_parallel, stage):
     _assert_same_training(_run(2, "--zero-stage", str(stage)), data_parallel)

@@ -49,6 +49,7 @@ def test_defaults_and_derived_values():
         (["--save-interval", "5"], 1, r"--save-interval needs --save"),
         (["--label-smoothing", "1.5"], 1, r"--label-smoothing must be in"),
         (["--fused-linear-ce", "--pipeline-model-parallel-size", "2"], 2, r"--fused-linear-ce is not supported with pipeline"),
+        (["--fused-linear-ce", "--zero-stage", "3"], 1, r"--fused-linear-ce is not supported with ZeRO stage 3"),
         (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "33", "--max-position-embeddings", "64"], 2,
          r"--sequence-parallel needs --seq-length \(33\) divisible"),
     ],

@@ -72,7 +72,8 @@ def finish(
     z_grad = 2.0 * z_loss * lse
     eps = label_smoothing
 
-    loss_ce = weight * ((1.0 - eps) * ce + eps * (lse - sx / vocab_size) + z_term)
+    smoothed = ce if eps == 0 else (1.0 - eps) * ce + eps * (lse - sx / vocab_size)  # no 0 * inf with -inf logits
+    loss_ce = weight * (smoothed + z_term)
 
     log_p = xt - lse
     one_minus_p = -torch.expm1(log_p)
@@ -151,6 +152,7 @@ class KernelBackend:
     """The same building blocks in megatron_slung._C (CPU C++ and, when built, CUDA)."""
 
     name = "kernel"
+    variant = 0  # CUDA kernel variant (0 = default); tools/bench_masked_ce.py --variants times the others
 
     @staticmethod
     def available(device: torch.device) -> bool:
@@ -173,7 +175,7 @@ class KernelBackend:
                 compute_grad: bool, inplace: bool):
         per_token, ce, kind, grad = _ext._C.masked_ce_forward(
             logits, labels, risk, modes, weights, int(ignore_index), float(label_smoothing), float(z_loss),
-            float(unlikelihood_eps), bool(compute_grad), bool(inplace),
+            float(unlikelihood_eps), bool(compute_grad), bool(inplace), KernelBackend.variant,
         )
         return per_token, ce, kind, (grad if compute_grad else None)
 

@@ -98,7 +98,9 @@ def masked_cross_entropy_reference(
     lse = torch.logsumexp(x, dim=-1)
     target = x.gather(1, safe_labels[:, None]).squeeze(1)
     ce = lse - target
-    ce_smoothed = (1.0 - label_smoothing) * ce + label_smoothing * (lse - x.mean(dim=-1))
+    ce_smoothed = ce
+    if label_smoothing:  # (skipped at 0 so that -inf logits, e.g. masked vocab padding, give 0 * inf = NaN nowhere)
+        ce_smoothed = (1.0 - label_smoothing) * ce + label_smoothing * (lse - x.mean(dim=-1))
     log_p = -ce
     # -log(1 - p) computed as -log1p(-p); p = exp(log p) <= 1. Clamping keeps p -> 1 finite.
     unlikelihood = -torch.log(torch.clamp(-torch.expm1(log_p), min=unlikelihood_eps))

@@ -377,6 +377,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
               f"(--pipeline-model-parallel-size {pp}); DeepSpeed allows ZeRO 0 or 1 with pipelines")
     if args.fused_linear_ce and pp > 1:
         _fail("--fused-linear-ce is not supported with pipeline parallelism (the last stage computes logits)")
+    if args.fused_linear_ce and args.zero_stage == 3:
+        _fail("--fused-linear-ce is not supported with ZeRO stage 3 (the loss reads the output weight outside the "
+              "model's forward, where ZeRO-3 has released it); use ZeRO 0-2")
 
     # ---- learning rate (Megatron's defaults and checks)
     if args.lr < 0 or args.min_lr < 0:
