@@ -13,13 +13,17 @@ torch_eager_linear (hidden @ weight.T, then torch_eager) and liger_fused_linear 
 
 Time: median of --repeats forward+backward runs after --warmup runs (CUDA events on the GPU).
 Peak memory: the extra memory above the inputs during forward+backward, gradients included. On the GPU
-torch.cuda.max_memory_allocated; on the CPU the process's peak resident set (VmHWM from /proc/self/status,
-reset through /proc/self/clear_refs before each run) minus the resident set just before the run.
+torch.cuda.max_memory_allocated. On the CPU (which has no allocator statistics) a second fresh process per
+implementation warms up on 8 tokens, then runs forward+backward once at full size while a helper thread
+samples the resident set (/proc/self/statm) every 0.5 ms: peak minus the resident set before the run.
+(Resetting the kernel's peak counter through /proc/self/clear_refs was tried first and dropped: on the
+machine measured, writing it changed the memory behaviour it was meant to measure.)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -27,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -86,7 +91,7 @@ def build_impl(name, args, policy, labels, risk):
     if name == "torch_eager":
         return lambda x: eager_loss(x, labels, risk, policy)
     if name == "torch_compile":
-        compiled = torch.compile(eager_loss, dynamic=False)
+        compiled = torch.compile(eager_loss, dynamic=True)
         return lambda x: compiled(x, labels, risk, policy)
     if name in ("fused", "fused_inplace") or name.startswith("fused_v"):
         if name.startswith("fused_v"):
@@ -121,43 +126,52 @@ def _liger_labels(policy, labels, risk):
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+class RssSampler(threading.Thread):
+    """Samples this process's resident set every `interval` seconds; .peak is the largest, in bytes."""
+
+    def __init__(self, interval=0.0005):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.running = interval, 0, True
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def stop(self):
+        self.running = False
+        self.join()
+        self.peak = max(self.peak, self.rss())
 
 
-def _reset_cpu_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-
-
-def measure(name, args, vocab):
-    """Run one implementation; returns {"fwd_bwd_ms", "peak_mem_mb", ...}."""
+def _setup(name, args, vocab, tokens):
+    """Inputs and the loss function of one implementation at `tokens` tokens; returns (fn, fresh)."""
     from megatron_slung.loss import LossPolicy
 
     torch.manual_seed(0)
-    cuda = args.device == "cuda"
-    policy = LossPolicy.parse(args.policy)
-    labels, risk = make_inputs(args, vocab)
-    linear = name in LINEAR_IMPLS
-    if linear:
+    sized = argparse.Namespace(**dict(vars(args), tokens=tokens))
+    labels, risk = make_inputs(sized, vocab)
+    fn = build_impl(name, sized, LossPolicy.parse(args.policy), labels, risk)
+    if name in LINEAR_IMPLS:
         g = torch.Generator(device=args.device).manual_seed(2)
-        hidden0 = torch.randn(args.tokens, args.hidden, generator=g, device=args.device).to(DTYPES[args.dtype])
-        weight0 = (torch.randn(vocab, args.hidden, generator=g, device=args.device) / args.hidden ** 0.5).to(
+        hidden = torch.randn(tokens, args.hidden, generator=g, device=args.device).to(DTYPES[args.dtype])
+        weight = (torch.randn(vocab, args.hidden, generator=g, device=args.device) / args.hidden ** 0.5).to(
             DTYPES[args.dtype])
-        base = None
-    else:
-        base = make_logits(args, vocab)
-    fn = build_impl(name, args, policy, labels, risk)
+        return fn, lambda: (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True))
+    base = make_logits(sized, vocab)
+    return fn, lambda: (base.clone().requires_grad_(True),)
 
-    def fresh():
-        if linear:
-            return hidden0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
-        return (base.clone().requires_grad_(True),)
 
+def measure(name, args, vocab):
+    """Time one implementation (and, on the GPU, its peak memory): {"fwd_bwd_ms", "peak_mem_mb", ...}."""
+    cuda = args.device == "cuda"
+    fn, fresh = _setup(name, args, vocab, args.tokens)
     times, peaks = [], []
     for i in range(args.warmup + args.repeats):
         tensors = fresh()
@@ -171,21 +185,18 @@ def measure(name, args, vocab):
             end.record()
             torch.cuda.synchronize()
             elapsed = start.elapsed_time(end)
-            peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+            peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
         else:
-            _reset_cpu_peak()
-            before = _rss_kb("VmRSS")
             t0 = time.perf_counter()
             fn(*tensors).backward()
             elapsed = (time.perf_counter() - t0) * 1e3
-            peak = (_rss_kb("VmHWM") - before) / 1024
         del tensors
         if i >= args.warmup:
             times.append(elapsed)
-            peaks.append(peak)
-    result = {"impl": name, "fwd_bwd_ms": statistics.median(times), "peak_mem_mb": max(peaks),
-              "times_ms": times}
-    if not linear:
+    result = {"impl": name, "fwd_bwd_ms": statistics.median(times), "times_ms": times}
+    if cuda:
+        result["peak_mem_mb"] = max(peaks[args.warmup:])
+    if name not in LINEAR_IMPLS:
         logits_bytes = args.tokens * vocab * torch.empty((), dtype=DTYPES[args.dtype]).element_size()
         result["logits_mb"] = logits_bytes / 2**20
         # bytes that must move: read the logits once, write the gradient once
@@ -193,6 +204,26 @@ def measure(name, args, vocab):
     else:
         result["hidden"] = args.hidden
     return result
+
+
+def measure_cpu_memory(name, args, vocab):
+    """Peak resident memory above the inputs during the first full-size forward+backward of a fresh process.
+
+    A run on 8 tokens first loads libraries, starts thread pools and compiles (torch.compile is dynamic);
+    the full-size run is then the first to need its buffers, so memory that a later run would reuse from
+    the allocator's free lists is still counted.
+    """
+    fn_small, fresh_small = _setup(name, args, vocab, min(8, args.tokens))
+    fn_small(*fresh_small()).backward()
+    fn, fresh = _setup(name, args, vocab, args.tokens)
+    tensors = fresh()
+    gc.collect()
+    sampler = RssSampler()
+    before = sampler.rss()
+    sampler.start()
+    fn(*tensors).backward()
+    sampler.stop()
+    return {"peak_mem_mb": (sampler.peak - before) / 2**20}
 
 
 def copy_bandwidth(args):
@@ -265,17 +296,19 @@ def run_worker(args):
     vocab = args.worker_vocab
     if args.worker == "tp":
         result = measure_tp(args, vocab)
+    elif args.worker_memory:
+        result = measure_cpu_memory(args.worker, args, vocab)
     else:
         result = measure(args.worker, args, vocab)
     with open(args.worker_json, "w") as f:
         json.dump(result, f)
 
 
-def run_in_subprocess(name, args, vocab):
+def run_in_subprocess(name, args, vocab, memory=False):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
         path = tmp.name
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-json", path,
-           "--worker-vocab", str(vocab)] + args.passthrough
+           "--worker-vocab", str(vocab)] + (["--worker-memory"] if memory else []) + args.passthrough
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     try:
@@ -369,6 +402,7 @@ def main(argv=None):
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-json", help=argparse.SUPPRESS)
     p.add_argument("--worker-vocab", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hidden is None:
         args.hidden = 4096 if args.device == "cuda" else 256
@@ -390,7 +424,11 @@ def main(argv=None):
         results = []
         for name in impls:
             print(f"[bench] {name} (V={vocab}) ...", flush=True)
-            results.append(run_in_subprocess(name, args, vocab))
+            result = run_in_subprocess(name, args, vocab)
+            if args.device == "cpu" and "skipped" not in result and name != "tp":  # memory: another process
+                memory = run_in_subprocess(name, args, vocab, memory=True)
+                result["peak_mem_mb"] = memory.get("peak_mem_mb", float("nan"))
+            results.append(result)
         if args.tp_sim:
             print(f"[bench] fused on {args.tp_size} gloo ranks (V={vocab}) ...", flush=True)
             results.append(run_in_subprocess("tp", args, vocab))
@@ -405,8 +443,8 @@ def main(argv=None):
         "hidden": args.hidden,
         "repeats": args.repeats,
         "memory_method": ("torch.cuda.max_memory_allocated above the inputs" if args.device == "cuda" else
-                          "peak resident set (VmHWM, reset via /proc/self/clear_refs) above the resident set "
-                          "before the run, one fresh process per impl"),
+                          "resident set sampled every 0.5 ms during the first full-size run of a fresh process "
+                          "(after an 8-token warm-up), peak minus the resident set before it"),
     }
     if args.device == "cuda":
         report["copy_gb_per_s"] = copy_bandwidth(args)
