@@ -1,0 +1,483 @@
+"""Tokenizers: a local SentencePiece model or a local Hugging Face tokenizer, with character offsets.
+
+    tok = build_tokenizer("SentencePieceTokenizer", "runs/tok/spm.model")
+    ids = tok.tokenize("Zürich 😀")
+    ids, offsets = tok.tokenize_with_offsets("Zürich 😀")   # offsets: [(start, end), ...] in characters
+
+Both kinds answer the same small API: ``vocab_size``, ``eod``, ``pad`` (or None), ``tokenize``,
+``tokenize_with_offsets``, ``detokenize``, ``token_to_id``, and the batch forms the preprocessing tool
+uses (``tokenize_batch``, ``tokenize_batch_with_offsets``: numpy arrays, no per-token Python objects).
+
+Offsets are in characters of the Python string (not UTF-8 bytes). A token that covers only part of a
+character (a byte-fallback piece of an emoji, say) gets that character's span, or an empty span at the
+character's position; a token that covers no text at all (SentencePiece's dummy-prefix ``▁``) gets an
+empty span where it stands. Nothing is ever downloaded: paths must be local.
+
+The SentencePiece fast path. SentencePiece's own encoder is slow in Python loops, and its output for a
+text is the concatenation of its outputs for the text's space-separated words whenever no piece of the
+vocabulary crosses the boundary "non-space, then space" (true for models trained by
+``tools/train_tokenizer.py``, and checked on the vocabulary at load time). So words are encoded once and
+cached, and for losslessly-normalised models (checked by a round-trip probe at load time) the offsets
+are computed from the pieces' byte lengths with numpy. ``word_cache=False`` gives the plain path;
+tests check that both agree.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+EOD_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+HARM_TAG_TOKEN = "<|potentially_unsafe|>"
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1) -> int:
+    """Megatron's padded vocabulary size: the next multiple of ``divisible_by * tp_size``.
+
+    Same rule as Megatron-LM's ``--make-vocab-size-divisible-by`` (default 128) times the tensor
+    parallel size, so each TP rank holds an equal, GPU-friendly slice of the embedding.
+    """
+    if vocab_size <= 0 or divisible_by <= 0 or tp_size <= 0:
+        raise ValueError(f"pad_vocab_size needs positive sizes, got {vocab_size}, {divisible_by}, {tp_size}")
+    multiple = divisible_by * tp_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offsets: UTF-8 byte offsets to character offsets
+
+
+def byte_to_char_offsets(text: str, starts: np.ndarray, ends: np.ndarray):
+    """Convert UTF-8 byte offsets into ``text`` to character offsets.
+
+    A start inside a multi-byte character moves back to the character's start, an end inside one moves
+    forward to its end, so a token holding part of a character covers the whole character.
+    """
+    if text.isascii():
+        return starts, ends
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    is_start = (data & 0xC0) != 0x80
+    # prefix[i] = number of characters starting in data[:i]; one more entry so floor(n) = nchars.
+    prefix = np.zeros(len(data) + 2, dtype=np.int64)
+    np.cumsum(is_start, out=prefix[1:-1])
+    prefix[-1] = prefix[-2] + 1
+    return prefix[np.asarray(starts) + 1] - 1, prefix[np.asarray(ends)]
+
+
+def char_to_byte_offsets(text: str, positions) -> np.ndarray:
+    """UTF-8 byte offset of each character position (0..len(text)) in ``text``."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if text.isascii():
+        return positions
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    char_starts = np.flatnonzero((data & 0xC0) != 0x80)
+    return np.append(char_starts, len(data))[positions]
+
+
+_FIRST = " \x00"  # cache-key prefix of a text's first segment (no other key starts with a space + non-space)
+
+
+def _pairs(starts, ends) -> list[tuple[int, int]]:
+    return list(zip(np.asarray(starts).tolist(), np.asarray(ends).tolist()))
+
+
+@dataclass
+class FlatEncoding:
+    """Several texts tokenized at once, as flat arrays (no per-token Python objects).
+
+    Text ``i`` has tokens ``ids[bounds[i]:bounds[i + 1]]``. With offsets: token ``k`` covers
+    ``[starts[k], ends[k])`` of the texts laid end to end, in ``unit`` ("byte": UTF-8 bytes, or "char"),
+    text ``i`` occupying ``[bases[i], bases[i + 1])``.
+    """
+
+    ids: np.ndarray
+    bounds: np.ndarray
+    starts: np.ndarray | None = None
+    ends: np.ndarray | None = None
+    unit: str | None = None
+    bases: np.ndarray | None = None
+
+
+def _per_text_char_offsets(texts, enc: FlatEncoding):
+    out = []
+    for i, text in enumerate(texts):
+        a, b = enc.bounds[i], enc.bounds[i + 1]
+        s, e = enc.starts[a:b] - enc.bases[i], enc.ends[a:b] - enc.bases[i]
+        if enc.unit == "byte":
+            s, e = byte_to_char_offsets(text, s, e)
+        out.append((enc.ids[a:b].copy(), np.stack([s, e], axis=1).reshape(-1, 2)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# SentencePiece
+
+
+class SentencePieceTokenizer:
+    """A local SentencePiece ``.model`` file.
+
+    ``eod`` is the id of ``<|endoftext|>`` when the model has that piece, else its ``</s>``;
+    ``pad`` is ``<|pad|>``, else the model's pad id, else None. Pass ``eod_token``/``pad_token`` to pick
+    other pieces. ``tokenize`` adds no BOS/EOS.
+    """
+
+    kind = "SentencePieceTokenizer"
+
+    def __init__(self, model_path: str, eod_token: str | None = None, pad_token: str | None = None,
+                 word_cache: bool = True, max_cache_words: int = 1 << 20):
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist (it must be a local .model file)")
+        self.model_path = model_path
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.Load(model_path)
+        self.vocab_size = self.sp.get_piece_size()
+        self._unk = self.sp.unk_id()
+
+        self.eod = self._special(eod_token, EOD_TOKEN, self.sp.eos_id(), "eod_token")
+        if self.eod is None:
+            raise ValueError(f"{model_path}: no end-of-document token: the model has neither {EOD_TOKEN!r} nor </s>; "
+                             "pass eod_token=PIECE")
+        self.pad = self._special(pad_token, PAD_TOKEN, self.sp.pad_id(), "pad_token")
+
+        # Byte length each piece stands for in the original text: '▁' is one space, a byte-fallback
+        # piece one byte, control/unknown pieces nothing (lengths are checked against the text anyway).
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        self._ws_crossing = False
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i):
+                lengths[i] = 1
+            elif not (self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i)):
+                lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+                # A piece with a non-space before a '▁' would cross our word boundaries.
+                if re.search("[^\u2581]\u2581", piece):
+                    self._ws_crossing = True
+        self._piece_bytes = lengths
+        self._dummy_prefix = self._has_dummy_prefix()
+        self._lossless = self._probe_lossless()
+        # The word cache is used only where it is provably exact: lossless models whose pieces never
+        # cross a "non-space, space" boundary (plus a probe below).
+        self.word_cache = bool(word_cache) and self._lossless and not self._ws_crossing
+        self.max_cache_words = max_cache_words
+        self._reset_cache()
+        self.cache_lookups = self.cache_misses = 0
+        if self.word_cache:
+            self._sentinel = self.sp.encode(".", out_type=int)
+            if not self._check_word_cache():
+                self.word_cache = False
+
+    # -- special pieces
+    def _special(self, requested, default_piece, fallback_id, what):
+        if requested is not None:
+            tid = self.token_to_id(requested)
+            if tid is None:
+                raise ValueError(f"{self.model_path}: {what} {requested!r} is not a piece of the model")
+            return tid
+        tid = self.token_to_id(default_piece)
+        if tid is not None:
+            return tid
+        return fallback_id if fallback_id is not None and fallback_id >= 0 else None
+
+    def token_to_id(self, piece: str) -> int | None:
+        tid = self.sp.piece_to_id(piece)
+        if tid == self._unk and piece != self.sp.id_to_piece(self._unk):
+            return None
+        return int(tid)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.sp.id_to_piece(int(token_id))
+
+    # -- load-time checks for the fast paths
+    def _has_dummy_prefix(self) -> bool:
+        pieces = self.sp.encode("a", out_type=str)
+        return bool(pieces) and pieces[0].startswith("\u2581")
+
+    def _probe_lossless(self) -> bool:
+        """True when decode(encode(x)) == x and piece byte lengths add up, for awkward probes."""
+        probes = ["  two  spaces ", "ﬁ Ａ ½ ™ e\u0301 Ⅻ", "tab\tnew\nline\r\n", "Zürich 東京 😀🤖", " x", "x ", "a\u3000b"]
+        for p in probes:
+            ids = self.sp.encode(p, out_type=int)
+            if self.sp.decode(ids) != p:
+                return False
+            if int(self._piece_bytes[ids].sum()) - (1 if self._dummy_prefix and ids else 0) != len(p.encode("utf-8")):
+                return False
+        return True
+
+    def _check_word_cache(self) -> bool:
+        probe = "Hello  world, this is  a test: Zürich 東京 😀 x1234 ▁odd ▁ end  "
+        return self._encode_flat([probe])[0].tolist() == self.sp.encode(probe, out_type=int)
+
+    # -- encoding
+    _SEGMENT = re.compile(r" *[^ ]+| +")
+
+    def _encode_plain(self, texts: list[str]) -> list[np.ndarray]:
+        out = self.sp.encode(texts, out_type=int, num_threads=1)
+        return [np.asarray(x, dtype=np.int32) for x in out]
+
+    def _reset_cache(self) -> None:
+        # Word table: word -> row; row r's ids are _flat[_wstart[r] : _wstart[r] + _wlen[r]].
+        self._word_row: dict[str, int] = {}
+        self._flat = np.zeros(0, dtype=np.int32)
+        self._wstart = np.zeros(0, dtype=np.int64)
+        self._wlen = np.zeros(0, dtype=np.int64)
+
+    def _add_words(self, words: list[str]) -> None:
+        """Encode new cache keys and append them to the word table.
+
+        Keys: ``" \\x00" + segment`` for a text's first segment (encoded alone, as it stands at the start
+        of a text, where SentencePiece adds its dummy prefix); ``word`` for the segment ``" " + word``;
+        a segment with several leading spaces is its own key. (A bare word never starts with a space and
+        a multi-space key starts with two, so the three kinds cannot collide.) A segment after a space is
+        encoded after a sentinel word whose ids are then dropped.
+        """
+        n = len(self._sentinel)
+        first = [w[:2] == _FIRST for w in words]
+        texts = [w[2:] if f else "." + (w if w[:1] == " " else " " + w) for w, f in zip(words, first)]
+        encoded = self.sp.encode(texts, out_type=int, num_threads=1)
+        parts = [ids if f else ids[n:] for f, ids in zip(first, encoded)]
+        lens = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+        base = len(self._flat)
+        new_ids = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32, count=int(lens.sum()))
+        self._flat = np.concatenate([self._flat, new_ids])
+        self._wstart = np.concatenate([self._wstart, base + np.cumsum(lens) - lens])
+        self._wlen = np.concatenate([self._wlen, lens])
+        row = len(self._word_row)
+        for i, w in enumerate(words):
+            self._word_row[w] = row + i
+
+    def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids concatenated, and ``bounds`` (len(texts) + 1): text i is ids[bounds[i]:bounds[i+1]]."""
+        if not self.word_cache:
+            parts = self._encode_plain(texts)
+            lens = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+            ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+            return ids, np.concatenate([[0], np.cumsum(lens)])
+        if len(self._word_row) > self.max_cache_words:
+            self._reset_cache()
+        split = self._SEGMENT.findall
+        words: list[str] = []
+        counts = []
+        for text in texts:
+            if not text:
+                counts.append(0)
+                continue
+            if "  " not in text and text[0] != " ":
+                w = text.split(" ")  # the common case: single spaces, so the keys are the bare words
+            else:
+                w = split(text)
+                w[1:] = [x if x[1:2] == " " else x[1:] for x in w[1:]]
+            w[0] = _FIRST + w[0]
+            words.extend(w)
+            counts.append(len(w))
+        # One dictionary pass; only the (few) misses are visited again.
+        table = self._word_row
+        found = list(map(table.get, words))
+        self.cache_lookups += len(words)
+        if None in found:
+            where = list(itertools.compress(range(len(words)), map(operator.is_, found, itertools.repeat(None))))
+            missing = list(dict.fromkeys(words[i] for i in where))
+            self.cache_misses += len(missing)
+            self._add_words(missing)
+            for i in where:
+                found[i] = table[words[i]]
+        rows = np.fromiter(found, dtype=np.int64, count=len(found))
+        lens = self._wlen[rows]
+        seg_end = np.cumsum(lens)
+        total = int(seg_end[-1]) if len(seg_end) else 0
+        # Output position p inside word k reads _flat[_wstart[k] + (p - first position of word k)].
+        shift = np.repeat(self._wstart[rows] - (seg_end - lens), lens)
+        ids = self._flat[np.arange(total, dtype=np.int64) + shift]
+        word_bounds = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        bounds = np.concatenate([[0], seg_end])[word_bounds]
+        return ids, bounds.astype(np.int64)
+
+    def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids (int32 numpy arrays) of each text."""
+        if not self.word_cache:
+            return self._encode_plain(texts)
+        ids, bounds = self._encode_flat(texts)
+        return np.split(ids, bounds[1:-1])
+
+    def _sp_offsets(self, texts: list[str], in_bytes: bool):
+        """SentencePiece's own offsets (any normalisation): ``[(ids, [n, 2] offsets)]`` in bytes or characters."""
+        try:
+            out = self.sp.encode(texts, out_type="offset_mapping", num_threads=1, return_bytes=in_bytes)
+            return [(np.asarray(o["ids"], dtype=np.int32), np.asarray(o["offsets"], dtype=np.int64).reshape(-1, 2))
+                    for o in out]
+        except (ValueError, TypeError, AttributeError):  # older sentencepiece: protos with byte offsets
+            result = []
+            for text in texts:
+                proto = self.sp.encode(text, out_type="immutable_proto")
+                ids = np.asarray([p.id for p in proto.pieces], dtype=np.int32)
+                b = np.asarray([p.begin for p in proto.pieces], dtype=np.int64)
+                e = np.asarray([p.end for p in proto.pieces], dtype=np.int64)
+                if not in_bytes:
+                    b, e = byte_to_char_offsets(text, b, e)
+                result.append((ids, np.stack([b, e], axis=1).reshape(-1, 2)))
+            return result
+
+    def encode_flat(self, texts: list[str], offsets: bool = False) -> "FlatEncoding":
+        """All texts at once (see :class:`FlatEncoding`); offsets are UTF-8 byte offsets."""
+        ids, bounds = self._encode_flat(texts)
+        if not offsets:
+            return FlatEncoding(ids, bounds)
+        nbytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts), dtype=np.int64,
+                             count=len(texts))
+        bases = np.concatenate([[0], np.cumsum(nbytes)])
+        counts = np.diff(bounds)
+        doc_of = np.repeat(np.arange(len(texts)), counts)
+        if self._lossless:
+            # Each piece stands for a known number of bytes: offsets are a running sum (per text).
+            lengths = self._piece_bytes[ids]
+            if self._dummy_prefix:
+                lengths[bounds[:-1][counts > 0]] -= 1
+            run = np.concatenate([[0], np.cumsum(lengths)])
+            starts = run[:-1] - run[bounds[:-1]][doc_of] + bases[:-1][doc_of]
+            ends = starts + lengths
+            sums = run[bounds[1:]] - run[bounds[:-1]]
+            bad = sums != nbytes
+            nonempty = counts > 0
+            bad[nonempty] |= lengths[bounds[:-1][nonempty]] < 0  # a dummy prefix that was not there
+            redo = np.flatnonzero(bad).tolist()
+        else:
+            starts = np.zeros(len(ids), dtype=np.int64)
+            ends = np.zeros(len(ids), dtype=np.int64)
+            redo = list(range(len(texts)))
+        if redo:  # e.g. a literal '▁' in the text, or a normalising model: SentencePiece says where pieces are
+            for i, (sp_ids, off) in zip(redo, self._sp_offsets([texts[i] for i in redo], in_bytes=True)):
+                a, b = bounds[i], bounds[i + 1]
+                if not np.array_equal(sp_ids, ids[a:b]):
+                    raise RuntimeError(f"tokenizer cache disagrees with SentencePiece on {texts[i][:80]!r}")
+                starts[a:b] = off[:, 0] + bases[i]
+                ends[a:b] = off[:, 1] + bases[i]
+        return FlatEncoding(ids, bounds, starts, ends, "byte", bases)
+
+    def tokenize_batch_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, offsets)`` per text: int32 ids and an int64 ``[n, 2]`` array of character spans."""
+        return _per_text_char_offsets(texts, self.encode_flat(texts, offsets=True))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenize_batch([text])[0].tolist()
+
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets = self.tokenize_batch_with_offsets([text])[0]
+        return ids.tolist(), _pairs(offsets[:, 0], offsets[:, 1])
+
+    def detokenize(self, ids) -> str:
+        """Text of ``ids``; control pieces (``<|endoftext|>``, tags, padding) decode to nothing."""
+        return self.sp.decode([int(i) for i in ids])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+class HuggingFaceTokenizer:
+    """A local Hugging Face tokenizer: a directory (``tokenizer.json``, config, ...) or a ``tokenizer.json``.
+
+    Loaded with ``local_files_only``: never downloads. ``eod`` is the tokenizer's EOS token, else
+    ``<|endoftext|>``; ``pad`` its pad token, else ``<|pad|>``, else None. ``tokenize`` adds no special
+    tokens (no BOS), as pretraining data wants; pass ``add_special_tokens=True`` to change that.
+    """
+
+    kind = "HuggingFaceTokenizer"
+
+    def __init__(self, path: str, eod_token: str | None = None, pad_token: str | None = None,
+                 add_special_tokens: bool = False):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Hugging Face tokenizer {path!r} does not exist (it must be a local directory "
+                                    "or tokenizer.json; nothing is downloaded)")
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        if os.path.isdir(path):
+            self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        else:
+            self.hf = PreTrainedTokenizerFast(tokenizer_file=path)
+        if not getattr(self.hf, "is_fast", False):
+            raise ValueError(f"{path}: a fast (Rust) tokenizer is needed for character offsets; "
+                             "save it with tokenizer.json")
+        self.path = path
+        self.backend = self.hf.backend_tokenizer
+        self.add_special_tokens = add_special_tokens
+        self.vocab_size = len(self.hf)
+
+        def pick(requested, attr, default_piece, what):
+            if requested is not None:
+                tid = self.token_to_id(requested)
+                if tid is None:
+                    raise ValueError(f"{path}: {what} {requested!r} is not in the vocabulary")
+                return tid
+            tid = getattr(self.hf, attr, None)
+            return tid if tid is not None else self.token_to_id(default_piece)
+
+        self.eod = pick(eod_token, "eos_token_id", EOD_TOKEN, "eod_token")
+        if self.eod is None:
+            raise ValueError(f"{path}: no end-of-document token (no EOS token and no {EOD_TOKEN!r}); pass eod_token=TOKEN")
+        self.pad = pick(pad_token, "pad_token_id", PAD_TOKEN, "pad_token")
+
+    def token_to_id(self, piece: str) -> int | None:
+        return self.backend.token_to_id(piece)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.backend.id_to_token(int(token_id))
+
+    def _encode(self, texts):
+        return self.backend.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
+
+    def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self._encode(texts)]
+
+    def encode_flat(self, texts: list[str], offsets: bool = False) -> FlatEncoding:
+        """All texts at once (see :class:`FlatEncoding`); offsets are in characters."""
+        encs = self._encode(texts)
+        counts = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=int(bounds[-1]))
+        if not offsets:
+            return FlatEncoding(ids, bounds)
+        bases = np.concatenate([[0], np.cumsum([len(t) for t in texts], dtype=np.int64)])
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets) for e in encs),
+                           dtype=np.int64, count=2 * int(bounds[-1])).reshape(-1, 2)
+        shift = np.repeat(bases[:-1], counts)
+        return FlatEncoding(ids, bounds, flat[:, 0] + shift, flat[:, 1] + shift, "char", bases)
+
+    def tokenize_batch_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return _per_text_char_offsets(texts, self.encode_flat(texts, offsets=True))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenize_batch([text])[0].tolist()
+
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets = self.tokenize_batch_with_offsets([text])[0]
+        return ids.tolist(), _pairs(offsets[:, 0], offsets[:, 1])
+
+    def detokenize(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str, **kw):
+    """``SentencePieceTokenizer`` (a local .model) or ``HuggingFaceTokenizer`` (a local dir/tokenizer.json).
+
+    Extra keywords go to the class: ``eod_token``, ``pad_token``; ``word_cache`` (SentencePiece);
+    ``add_special_tokens`` (Hugging Face).
+    """
+    if tokenizer_model is None:
+        raise ValueError("--tokenizer-model is required")
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        return SentencePieceTokenizer(tokenizer_model, **kw)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model, **kw)
+    raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")

@@ -1,0 +1,232 @@
+"""Training data: datasets for the flags, the data-parallel sampler by consumed samples, mock data, batches.
+
+Sample order (Megatron's ``MegatronPretrainingSampler``). Global batch ``k`` is samples
+``[k G, (k+1) G)`` of the dataset, whatever the parallel layout (G = global batch size). Data-parallel rank
+``d`` takes, for its micro-batch ``j`` (of GAS), the samples
+
+    k G + j (m D) + d m + [0, m)         m = micro batch, D = data-parallel size
+
+so the same global batch is trained on by 1 rank with GAS micro-batches or by D ranks with GAS / D each,
+and a run resumed after ``c`` consumed samples continues at sample ``c`` (it is saved with the checkpoint).
+TP ranks of one replica read the same samples; middle pipeline stages read nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import torch
+
+from megatron_slung.loss.policy import LossMode, LossPolicy
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- tokenizers
+class NullTokenizer:
+    """No text, only a vocabulary size (Megatron's ``NullTokenizer``, for mock data and benchmarks).
+
+    The end-of-document id is the last id (``vocab_size - 1``)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+        self.eod = self.vocab_size - 1
+        self.pad = None
+
+    def tokenize(self, text: str):
+        return [int(t) for t in text.split()]
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def build_tokenizer_for_args(args):
+    if args.tokenizer_type == "NullTokenizer":
+        return NullTokenizer(args.vocab_size)
+    from megatron_slung.data.tokenizers import build_tokenizer
+
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+
+
+# --------------------------------------------------------------------------- mock data
+class MockGPTDataset(torch.utils.data.Dataset):
+    """Synthetic samples with a learnable pattern and risk levels, for benchmarks and tests.
+
+    Sample ``i`` (its own generator, seeded by ``seed`` and ``i``, so any order and any worker give the same
+    data) is an arithmetic progression modulo the vocabulary with a random start and a stride of 1..3, with
+    ~5% random tokens, so a model can learn it. Risk levels: mostly 1 (benign), plus one span of level 2 and
+    one of level 3 in each sample, and a few level-0 tokens. The loss mask is all ones (end-of-document
+    tokens masked with ``eod_mask_loss``).
+    """
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int, *, eod: Optional[int] = None,
+                 eod_mask_loss: bool = False):
+        if vocab_size < 2:
+            raise ValueError("MockGPTDataset: vocab_size must be >= 2")
+        self.num_samples, self.seq_length, self.vocab_size = int(num_samples), int(seq_length), int(vocab_size)
+        self.seed = int(seed)
+        self.eod = eod
+        self.eod_mask_loss = eod_mask_loss
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"MockGPTDataset: sample {i} out of range [0, {self.num_samples})")
+        s = self.seq_length
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        start = int(torch.randint(0, self.vocab_size, (1,), generator=g))
+        stride = int(torch.randint(1, 4, (1,), generator=g))
+        text = (start + stride * torch.arange(s + 1)) % self.vocab_size
+        noise = torch.rand(s + 1, generator=g) < 0.05
+        text = torch.where(noise, torch.randint(0, self.vocab_size, (s + 1,), generator=g), text)
+        risk = torch.ones(s + 1, dtype=torch.uint8)
+        for level in (2, 3):
+            length = int(torch.randint(1, max(2, s // 4), (1,), generator=g))
+            begin = int(torch.randint(0, max(1, s + 1 - length), (1,), generator=g))
+            risk[begin:begin + length] = level
+        risk[torch.rand(s + 1, generator=g) < 0.02] = 0
+        tokens, labels = text[:-1].clone(), text[1:].clone()
+        loss_mask = torch.ones(s, dtype=torch.float32)
+        if self.eod_mask_loss and self.eod is not None:
+            loss_mask[labels == self.eod] = 0.0
+        return {"tokens": tokens.long(), "labels": labels.long(), "risk": risk[1:].clone(), "loss_mask": loss_mask}
+
+
+# --------------------------------------------------------------------------- datasets for the flags
+def dataset_sizes(args) -> tuple:
+    """Samples needed from each split: (train, valid, test), as Megatron computes them."""
+    train = args.train_iters * args.global_batch_size
+    evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 1
+    valid = evals * args.eval_iters * args.global_batch_size
+    test = args.eval_iters * args.global_batch_size
+    return train, valid, test
+
+
+def build_datasets(args, tokenizer):
+    """(train, valid, test) for ``--data-path`` or ``--mock-data``. Collective (the index cache is built by rank 0)."""
+    train_n, valid_n, test_n = dataset_sizes(args)
+    if args.mock_data:
+        def make(n, offset):
+            return MockGPTDataset(max(n, 1), args.seq_length, tokenizer.vocab_size, args.seed + offset,
+                                  eod=tokenizer.eod, eod_mask_loss=args.eod_mask_loss) if n > 0 else None
+
+        return make(train_n, 0), make(valid_n, 1), make(test_n, 2)
+    from megatron_slung.data.gpt_dataset import build_gpt_datasets
+
+    return build_gpt_datasets(
+        list(args.data_path), args.split, args.seq_length, args.seed, (train_n, valid_n, test_n),
+        cache_dir=args.data_cache_path, eod_token=getattr(tokenizer, "eod", None), eod_mask_loss=args.eod_mask_loss,
+    )
+
+
+# --------------------------------------------------------------------------- sampler and loader
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """Index lists of this data-parallel rank's micro-batches, from ``consumed_samples`` on (see module doc)."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
+                 data_parallel_size: int):
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+        self.total = int(total_samples)
+        self.consumed = int(consumed_samples)
+        self.m, self.d, self.size = int(micro_batch_size), int(data_parallel_rank), int(data_parallel_size)
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.consumed) // (self.m * self.size))
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.m * self.size
+        first = self.consumed
+        while first + step <= self.total:
+            lo = first + self.d * self.m
+            yield list(range(lo, lo + self.m))
+            first += step
+
+
+def build_loader(dataset, consumed_samples: int, args, data_parallel_rank: int, data_parallel_size: int):
+    """An iterator of this rank's micro-batches (dicts of stacked tensors), or None without a dataset."""
+    if dataset is None:
+        return None
+    sampler = MicroBatchSampler(len(dataset), consumed_samples, args.micro_batch_size, data_parallel_rank,
+                                data_parallel_size)
+    # Its own generator: creating the iterator draws a seed, which must not disturb the global RNG (a
+    # resumed run creates its iterators at a different point of the RNG stream than a run that never stopped).
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
+    )
+    return iter(loader)
+
+
+class CyclicLoader:
+    """Evaluation batches that wrap around: after the last full batch of the dataset, start again at sample 0
+    (a resumed or extended run may evaluate more often than the validation set was sized for)."""
+
+    def __init__(self, dataset, consumed_samples: int, args, data_parallel_rank: int, data_parallel_size: int):
+        self.dataset, self.args = dataset, args
+        self.rank, self.size = data_parallel_rank, data_parallel_size
+        step = args.micro_batch_size * data_parallel_size
+        usable = len(dataset) // step * step
+        if usable == 0:
+            raise ValueError(f"the evaluation dataset has {len(dataset)} samples, fewer than one micro-batch on "
+                             f"every data-parallel rank ({step})")
+        self._it = build_loader(dataset, consumed_samples % usable, args, data_parallel_rank, data_parallel_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = build_loader(self.dataset, 0, self.args, self.rank, self.size)
+            return next(self._it)
+
+
+class DataExhausted(RuntimeError):
+    pass
+
+
+def next_micro_batches(loader, count: int, what: str) -> List[dict]:
+    out = []
+    for _ in range(count):
+        try:
+            out.append(next(loader))
+        except StopIteration:
+            raise DataExhausted(f"the {what} dataset ran out of samples") from None
+    return out
+
+
+# --------------------------------------------------------------------------- batches
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [B, S] int64
+    labels: torch.Tensor  # [B, S] int64, IGNORE_INDEX where the loss mask is 0
+    risk: torch.Tensor  # [B, S] uint8
+
+    def to(self, device) -> "MicroBatch":
+        nb = device is not None and torch.device(device).type == "cuda"
+        return MicroBatch(self.tokens.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb),
+                          self.risk.to(device, non_blocking=nb))
+
+
+def to_micro_batch(sample: dict) -> MicroBatch:
+    labels = sample["labels"].long()
+    if "loss_mask" in sample:
+        labels = labels.masked_fill(sample["loss_mask"] == 0, IGNORE_INDEX)
+    risk = sample.get("risk")
+    if risk is None:
+        risk = torch.zeros_like(labels, dtype=torch.uint8)
+    return MicroBatch(sample["tokens"].long(), labels, risk.to(torch.uint8))
+
+
+def count_loss_tokens(batch: MicroBatch, policy: LossPolicy) -> int:
+    """Tokens of ``batch`` that carry loss: label kept (not ignore_index) and the level's mode is not ``ignore``.
+
+    A data-only quantity, so it is known before any forward pass (see the normalisation in pretrain.py)."""
+    ignore_levels = torch.tensor([m == LossMode.IGNORE for m in policy.modes], dtype=torch.bool)
+    carries = (batch.labels != IGNORE_INDEX) & ~ignore_levels[batch.risk.long().cpu()].to(batch.labels.device)
+    return int(carries.sum())
