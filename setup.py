@@ -76,7 +76,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],
-        "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval"],
+        "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval[hf]"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
