@@ -212,3 +212,27 @@ def test_missing_paths_and_types(tmp_path):
         build_tokenizer("HuggingFaceTokenizer", "gpt2")  # a hub name is never fetched
     with pytest.raises(ValueError, match="unknown tokenizer type"):
         build_tokenizer("BertWordPieceCase", "x")
+
+
+def test_huggingface_special_tokens_are_not_read_from_text(hf_tokenizer_dir):
+    tok = HuggingFaceTokenizer(hf_tokenizer_dir)
+    assert tok.eod not in tok.tokenize("a <|endoftext|> b")
+    matching = HuggingFaceTokenizer(hf_tokenizer_dir, special_tokens_in_text=True)
+    assert matching.eod in matching.tokenize("a <|endoftext|> b")
+
+
+def test_word_cache_survives_hash_collisions(sp_model, corpus_records, monkeypatch):
+    """With a hash that collides all the time (segment length only), the byte check and the exact side
+    table still give SentencePiece's ids."""
+    from megatron_slung.data import tokenizers
+
+    monkeypatch.setattr(tokenizers._WordTable, "hashes",
+                        lambda self, data, starts, ends: (ends - starts).astype(np.uint64))
+    weak = SentencePieceTokenizer(sp_model)
+    assert weak.word_cache
+    plain = SentencePieceTokenizer(sp_model, word_cache=False)
+    texts = TRICKY + [r["text"] for r in corpus_records[:80]]
+    for batch in (texts[:30], texts[30:], texts):  # the second and third passes hit the table
+        for a, b in zip(weak.tokenize_batch(batch), plain.tokenize_batch(batch)):
+            assert np.array_equal(a, b)
+    assert len(weak._table.exact) > 100

@@ -57,3 +57,36 @@ def test_vocabulary_too_large(tmp_path):
                     "--hard-vocab-limit", check=False)
     assert proc.returncode == 1 and "SentencePiece training failed" in proc.stderr
     assert not list(tmp_path.glob("m.*"))
+
+
+def test_hf_export_gives_the_same_ids_tokens_and_risk(tmp_path, corpus_file, corpus_records):
+    """The exported Hugging Face tokenizer agrees with SentencePiece on ids, and preprocessing with either
+    writes the same tokens and the same risk levels (two independent offset paths: bytes vs characters)."""
+    from megatron_slung.data.preprocess import PreprocessOptions, preprocess
+    from megatron_slung.data.tokenizers import HuggingFaceTokenizer
+    from tests.data_tools_fixtures import MULTIBYTE_TEXTS, write_jsonl
+
+    run_tool("train_tokenizer.py", "--input", corpus_file, "--output-prefix", tmp_path / "bpe", "--vocab-size", 1200,
+             "--hf-export", tmp_path / "hf")
+    sp = SentencePieceTokenizer(str(tmp_path / "bpe.model"))
+    hf = HuggingFaceTokenizer(str(tmp_path / "hf"))
+    assert (hf.vocab_size, hf.eod, hf.pad) == (sp.vocab_size, sp.eod, sp.pad)
+    texts = MULTIBYTE_TEXTS + [r["text"] for r in corpus_records] + ["<|endoftext|> is text", "  x  "]
+    for text in texts:
+        assert hf.tokenize(text) == sp.tokenize(text), text
+    recs = []
+    for text in texts[:120]:
+        n = len(text)
+        recs.append({"text": text, "risk_spans": [[n // 5, n // 2, 3], [n // 2, (3 * n) // 4, 4]] if n > 4 else []})
+    path = write_jsonl(tmp_path / "in.jsonl", recs)
+    outs = []
+    for kind, model in (("SentencePieceTokenizer", str(tmp_path / "bpe.model")), ("HuggingFaceTokenizer", str(tmp_path / "hf"))):
+        preprocess(path, str(tmp_path / kind), PreprocessOptions(tokenizer_type=kind, tokenizer_model=model, append_eod=True))
+        outs.append([open(f"{tmp_path / kind}_text_document{ext}", "rb").read() for ext in (".bin", ".idx", ".risk.bin")])
+    assert outs[0] == outs[1]
+
+
+def test_hf_export_refuses_unigram(tmp_path, corpus_file):
+    proc = run_tool("train_tokenizer.py", "--input", corpus_file, "--output-prefix", tmp_path / "u", "--vocab-size", 500,
+                    "--model-type", "unigram", "--hf-export", tmp_path / "hf", check=False)
+    assert proc.returncode == 1 and "bpe only" in proc.stderr and not list(tmp_path.iterdir())

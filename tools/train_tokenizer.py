@@ -64,6 +64,9 @@ def get_args(argv=None):
                    help="fail when the corpus is too small for --vocab-size (default: use a smaller vocabulary)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the sentence sample")
     p.add_argument("--threads", type=int, default=1, help="SentencePiece training threads")
+    p.add_argument("--hf-export", default=None, metavar="DIR",
+                   help="also write a Hugging Face tokenizer (tokenizer.json + config) to DIR; BPE only, checked "
+                        "to give the same ids as the SentencePiece model on the training sample")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
     return p.parse_args(argv)
 
@@ -112,10 +115,60 @@ def sample_sentences(sentences, limit: int, seed: int):
     return [s for _, s in reservoir], seen
 
 
+def export_hf(model_path: str, out_dir: str, check_texts, eod_token: str, pad_token: str) -> None:
+    """Write the SentencePiece BPE model as a Hugging Face fast tokenizer that gives the same ids.
+
+    SentencePiece BPE merges the adjacent pair whose concatenation is the best-scored piece; a BPE model
+    whose merges are every two-piece split of each piece, ranked by that piece's score, does the same.
+    The dummy prefix and the space mark are a normaliser; control pieces are special tokens that text
+    never produces (``encode_special_tokens``). The result is checked on ``check_texts``.
+    """
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    merges = []
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i):
+            continue
+        piece = sp.id_to_piece(i)
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        splits.sort(key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+        merges += [(-sp.get_score(i), i, a, b) for a, b in splits]
+    merges.sort(key=lambda m: (m[0], m[1]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in merges],
+                               unk_token=sp.id_to_piece(sp.unk_id()), byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = [sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.encode_special_tokens = True  # like SentencePiece: the text "<|endoftext|>" is not the token
+    for text in check_texts:
+        want = sp.encode(text, out_type=int)
+        got = tok.encode(text, add_special_tokens=False).ids
+        if want != got:
+            raise ValueError(f"--hf-export: the Hugging Face tokenizer differs from SentencePiece on {text[:60]!r}")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=sp.id_to_piece(sp.unk_id()),
+                                 bos_token=sp.id_to_piece(sp.bos_id()), eos_token=eod_token, pad_token=pad_token)
+    tmp = out_dir.rstrip("/") + f".tmp-{os.getpid()}"
+    hf.save_pretrained(tmp)
+    if os.path.isdir(out_dir):
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
 def train(args) -> dict:
     import sentencepiece as spm
 
     files = expand_inputs(args.input)
+    if args.hf_export and args.model_type != "bpe":
+        raise ValueError("--hf-export supports --model-type bpe only (a unigram export would not give the same ids)")
     if not args.eod_token or not args.pad_token or args.eod_token == args.pad_token:
         raise ValueError("--eod-token and --pad-token must be two different, non-empty tokens")
     specials = []  # control symbols after SentencePiece's own unk/bos/eos/pad
@@ -167,6 +220,9 @@ def train(args) -> dict:
     with atomic_output(args.output_prefix + ".model") as tmp, open(tmp, "wb") as f:
         f.write(model.getvalue())
 
+    if args.hf_export:
+        check = sentences[:: max(1, len(sentences) // 2000)] + ["  two  spaces ", "Zürich 😀 東京\n\tx", args.eod_token]
+        export_hf(args.output_prefix + ".model", args.hf_export, check, args.eod_token, args.pad_token)
     named = [args.eod_token, args.pad_token, *specials]
     info = {"model": args.output_prefix + ".model", "vocab_size": sp.get_piece_size(),
             "special_tokens": {t: sp.piece_to_id(t) for t in named}, "seconds": time.time() - start}

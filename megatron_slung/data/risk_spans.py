@@ -16,6 +16,8 @@ Fast paths are numpy; ``token_levels_reference`` is the plain loop the tests com
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from megatron_slung.data.risk import NUM_LEVELS
@@ -34,10 +36,11 @@ def normalize_spans(spans, text_len: int) -> list[tuple[int, int, int]]:
         raise ValueError(f"risk spans must be a list of [start, end, level], got {type(spans).__name__}")
     out = []
     for i, span in enumerate(spans):
-        if (not isinstance(span, (list, tuple)) or len(span) != 3
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+        if type(span) not in (list, tuple) or len(span) != 3:
             raise ValueError(f"risk span #{i} {span!r} is not [start, end, level] with integer values")
         s, e, level = span
+        if type(s) is not int or type(e) is not int or type(level) is not int:  # bool is not int here
+            raise ValueError(f"risk span #{i} {span!r} is not [start, end, level] with integer values")
         if not 0 <= s <= e <= text_len:
             raise ValueError(f"risk span #{i} {list(span)} is out of range for a text of {text_len} characters")
         if not 0 <= level < NUM_LEVELS:
@@ -175,22 +178,36 @@ def token_levels_flat(enc, texts, spans, uniform, default_level: int) -> np.ndar
     i's characters when they share one (then its spans are not needed), else None.
     """
     counts = np.diff(enc.bounds)
-    fill = np.array([default_level if u is None else u for u in uniform], dtype=np.uint8)
-    mixed = [i for i, u in enumerate(uniform) if u is None]
-    if not mixed:
-        return np.repeat(fill, counts)
+    is_mixed = np.fromiter((u is None for u in uniform), dtype=bool, count=len(uniform))
+    out = np.repeat(np.array([default_level if u is None else u for u in uniform], dtype=np.uint8), counts)
+    if not is_mixed.any():
+        return out
+    if is_mixed.all():
+        return _mixed_levels(enc, texts, spans, default_level)
+    # Only the mixed texts need the per-character work: take them out, laid end to end on their own.
+    from megatron_slung.data.tokenizers import FlatEncoding
+
+    m = np.flatnonzero(is_mixed)
+    tokens = np.repeat(is_mixed, counts)
+    sub_bases = np.concatenate([[0], np.cumsum(np.diff(enc.bases)[m])])
+    shift = np.repeat(enc.bases[:-1][m] - sub_bases[:-1], counts[m])
+    sub = FlatEncoding(enc.ids[tokens], np.concatenate([[0], np.cumsum(counts[m])]), enc.starts[tokens] - shift,
+                       enc.ends[tokens] - shift, enc.unit, sub_bases)
+    out[tokens] = _mixed_levels(sub, [texts[i] for i in m], [spans[i] for i in m], default_level)
+    return out
+
+
+def _mixed_levels(enc, texts, spans, default_level: int) -> np.ndarray:
+    """:func:`token_levels_flat` when every text has its own spans."""
+    counts = np.diff(enc.bounds)
     bases = enc.bases
-    unit_levels = np.repeat(fill, np.diff(bases))
-    doc, s, e, lv = [], [], [], []
-    for i in mixed:
-        for a, b, level in spans[i]:
-            doc.append(i)
-            s.append(a)
-            e.append(b)
-            lv.append(level)
-    if doc:
-        doc, s, e, lv = (np.asarray(x, dtype=np.int64) for x in (doc, s, e, lv))
-        if enc.unit == "byte" and not all(texts[i].isascii() for i in mixed):
+    unit_levels = np.full(int(bases[-1]), default_level, dtype=np.uint8)
+    per_doc = [len(sp) for sp in spans]
+    if sum(per_doc):
+        table = np.array(list(itertools.chain.from_iterable(spans)), dtype=np.int64).reshape(-1, 3)
+        doc = np.repeat(np.arange(len(texts), dtype=np.int64), per_doc)
+        s, e, lv = table[:, 0], table[:, 1], table[:, 2]
+        if enc.unit == "byte" and not all(t.isascii() for t in texts):
             # character -> byte: positions of character starts in the texts laid end to end
             data = np.frombuffer("".join(texts).encode("utf-8"), dtype=np.uint8)
             char_starts = np.append(np.flatnonzero((data & 0xC0) != 0x80), len(data))

@@ -13,20 +13,19 @@ character (a byte-fallback piece of an emoji, say) gets that character's span, o
 character's position; a token that covers no text at all (SentencePiece's dummy-prefix ``▁``) gets an
 empty span where it stands. Nothing is ever downloaded: paths must be local.
 
-The SentencePiece fast path. SentencePiece's own encoder is slow in Python loops, and its output for a
-text is the concatenation of its outputs for the text's space-separated words whenever no piece of the
-vocabulary crosses the boundary "non-space, then space" (true for models trained by
-``tools/train_tokenizer.py``, and checked on the vocabulary at load time). So words are encoded once and
-cached, and for losslessly-normalised models (checked by a round-trip probe at load time) the offsets
-are computed from the pieces' byte lengths with numpy. ``word_cache=False`` gives the plain path;
-tests check that both agree.
+The SentencePiece fast path. SentencePiece's output for a text is the concatenation of its outputs for
+the text's space-separated segments whenever no piece of the vocabulary crosses the boundary
+"non-space, then space" (true for models trained by ``tools/train_tokenizer.py``; checked on the
+vocabulary at load time, with lossless models only). So each distinct segment is encoded once and kept
+in a table that numpy searches by hash and confirms byte for byte (:class:`_WordTable`), and offsets
+are computed from the pieces' byte lengths. ``word_cache=False`` gives the plain path; tests check that
+both agree.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import operator
 import os
 import re
 from dataclasses import dataclass
@@ -83,9 +82,6 @@ def char_to_byte_offsets(text: str, positions) -> np.ndarray:
     return np.append(char_starts, len(data))[positions]
 
 
-_FIRST = " \x00"  # cache-key prefix of a text's first segment (no other key starts with a space + non-space)
-
-
 def _pairs(starts, ends) -> list[tuple[int, int]]:
     return list(zip(np.asarray(starts).tolist(), np.asarray(ends).tolist()))
 
@@ -116,6 +112,141 @@ def _per_text_char_offsets(texts, enc: FlatEncoding):
             s, e = byte_to_char_offsets(text, s, e)
         out.append((enc.ids[a:b].copy(), np.stack([s, e], axis=1).reshape(-1, 2)))
     return out
+
+
+class _WordTable:
+    """Segments seen so far and their token ids, looked up without a Python loop per segment.
+
+    A segment's key is a 64-bit polynomial hash of its bytes; a hit counts only if the stored bytes are
+    equal too (so a hash collision can never give wrong ids: the colliding segment is treated as new and
+    kept in an exact side table). Keys live in a large sorted array and a small recent one, merged now
+    and then, so adding words does not re-sort everything each time.
+    """
+
+    _P = 0x100000001B3  # odd: invertible modulo 2**64
+    _P_INV = pow(_P, -1, 1 << 64)
+
+    def __init__(self):
+        self.rows = 0
+        self.flat = np.zeros(0, dtype=np.int32)  # all segments' ids
+        self.starts = np.zeros(0, dtype=np.int64)  # row -> first id in flat
+        self.lengths = np.zeros(0, dtype=np.int64)  # row -> number of ids
+        self.byte_store = np.zeros(0, dtype=np.uint8)  # row -> its bytes, for the equality check
+        self.byte_starts = np.zeros(0, dtype=np.int64)
+        self.byte_lengths = np.zeros(0, dtype=np.int64)
+        self.keys = [np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64)]  # sorted: main, recent
+        self.key_rows = [np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)]
+        self.exact: dict[bytes, int] = {}  # segments whose hash collided with another's
+        self._pow = np.ones(1, dtype=np.uint64)
+        self._ipow = np.ones(1, dtype=np.uint64)
+
+    def _powers(self, n: int):
+        """P**k and P**-k modulo 2**64 for k < n (grown as needed)."""
+        if len(self._pow) < n + 1:
+            size = max(n + 1, 2 * len(self._pow))
+            pw = np.ones(size, dtype=np.uint64)
+            ipw = np.ones(size, dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                pw[1:] = np.cumprod(np.full(size - 1, self._P, dtype=np.uint64))
+                ipw[1:] = np.cumprod(np.full(size - 1, self._P_INV, dtype=np.uint64))
+            self._pow, self._ipow = pw, ipw
+        return self._pow, self._ipow
+
+    def hashes(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        pw, ipw = self._powers(len(data))
+        with np.errstate(over="ignore"):
+            prefix = np.zeros(len(data) + 1, dtype=np.uint64)
+            np.cumsum((data.astype(np.uint64) + np.uint64(1)) * pw[: len(data)], out=prefix[1:])
+            h = (prefix[ends] - prefix[starts]) * ipw[starts]
+            h ^= (ends - starts).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+            h ^= h >> np.uint64(29)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(32)
+        return h
+
+    def _same_bytes(self, data, starts, ends, rows) -> np.ndarray:
+        """Per segment: are its bytes those stored for ``rows``?"""
+        lengths = ends - starts
+        ok = lengths == self.byte_lengths[rows]
+        idx = np.flatnonzero(ok)
+        if len(idx) == 0:
+            return ok
+        n = lengths[idx]
+        total = int(n.sum())
+        offsets = np.cumsum(n) - n
+        within = np.arange(total, dtype=np.int64) - np.repeat(offsets, n)
+        a = data[np.repeat(starts[idx], n) + within]
+        b = self.byte_store[np.repeat(self.byte_starts[rows[idx]], n) + within]
+        differs = np.add.reduceat((a != b).astype(np.int64), offsets) > 0
+        ok[idx[differs]] = False
+        return ok
+
+    def lookup(self, data, starts, ends) -> np.ndarray:
+        """Row of each segment, or -1 when it is not in the table."""
+        h = self.hashes(data, starts, ends)
+        self._last_hashes = h
+        # Look up each distinct hash once, in sorted order (far kinder to the cache than one by one).
+        unique, inverse = np.unique(h, return_inverse=True)
+        unique_rows = np.full(len(unique), -1, dtype=np.int64)
+        for keys, key_rows in zip(self.keys, self.key_rows):
+            if len(keys) == 0:
+                continue
+            pos = np.minimum(np.searchsorted(keys, unique), len(keys) - 1)
+            hit = (keys[pos] == unique) & (unique_rows < 0)
+            unique_rows[hit] = key_rows[pos[hit]]
+        rows = unique_rows[inverse.reshape(-1)]
+        found = np.flatnonzero(rows >= 0)
+        if len(found):
+            good = self._same_bytes(data, starts[found], ends[found], rows[found])
+            rows[found[~good]] = -1  # a hash collision: not this segment
+        if self.exact:
+            for k in np.flatnonzero(rows < 0).tolist():
+                row = self.exact.get(data[starts[k]:ends[k]].tobytes())
+                if row is not None:
+                    rows[k] = row
+        return rows
+
+    def add(self, words: list[str], ids: list[list[int]], data, first_index, starts, ends) -> list[int]:
+        """Append new segments (``words[i]`` is segment ``first_index[i]`` of ``data``); returns their rows."""
+        first_index = np.asarray(first_index, dtype=np.int64)
+        new_rows = self.rows + np.arange(len(words), dtype=np.int64)
+        lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        self.starts = np.concatenate([self.starts, len(self.flat) + np.cumsum(lens) - lens])
+        self.lengths = np.concatenate([self.lengths, lens])
+        self.flat = np.concatenate([self.flat, np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32,
+                                                           count=int(lens.sum()))])
+        s, e = starts[first_index], ends[first_index]
+        n = e - s
+        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        self.byte_starts = np.concatenate([self.byte_starts, len(self.byte_store) + np.cumsum(n) - n])
+        self.byte_lengths = np.concatenate([self.byte_lengths, n])
+        self.byte_store = np.concatenate([self.byte_store, data[np.repeat(s, n) + within]])
+        self.rows += len(words)
+        # Index by hash; a hash already taken (by another segment) goes to the exact side table.
+        h = self._last_hashes[first_index]
+        order = np.argsort(h, kind="stable")
+        h_sorted, rows_sorted = h[order], new_rows[order]
+        dup = np.zeros(len(h), dtype=bool)
+        dup[1:] = h_sorted[1:] == h_sorted[:-1]
+        for keys in self.keys:
+            if len(keys):
+                pos = np.minimum(np.searchsorted(keys, h_sorted), len(keys) - 1)
+                dup |= keys[pos] == h_sorted
+        for k in np.flatnonzero(dup).tolist():
+            row = int(rows_sorted[k])
+            self.exact[self.byte_store[self.byte_starts[row]:self.byte_starts[row] + self.byte_lengths[row]].tobytes()] = row
+        keep = ~dup
+        keys = np.concatenate([self.keys[1], h_sorted[keep]])
+        key_rows = np.concatenate([self.key_rows[1], rows_sorted[keep]])
+        order = np.argsort(keys, kind="stable")
+        self.keys[1], self.key_rows[1] = keys[order], key_rows[order]
+        if len(self.keys[1]) > max(1 << 16, len(self.keys[0]) // 4):  # fold the recent keys into the main ones
+            keys = np.concatenate(self.keys)
+            key_rows = np.concatenate(self.key_rows)
+            order = np.argsort(keys, kind="stable")
+            self.keys = [keys[order], np.zeros(0, dtype=np.uint64)]
+            self.key_rows = [key_rows[order], np.zeros(0, dtype=np.int64)]
+        return new_rows.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,87 +350,73 @@ class SentencePieceTokenizer:
         return self._encode_flat([probe])[0].tolist() == self.sp.encode(probe, out_type=int)
 
     # -- encoding
-    _SEGMENT = re.compile(r" *[^ ]+| +")
-
     def _encode_plain(self, texts: list[str]) -> list[np.ndarray]:
         out = self.sp.encode(texts, out_type=int, num_threads=1)
         return [np.asarray(x, dtype=np.int32) for x in out]
 
     def _reset_cache(self) -> None:
-        # Word table: word -> row; row r's ids are _flat[_wstart[r] : _wstart[r] + _wlen[r]].
-        self._word_row: dict[str, int] = {}
-        self._flat = np.zeros(0, dtype=np.int32)
-        self._wstart = np.zeros(0, dtype=np.int64)
-        self._wlen = np.zeros(0, dtype=np.int64)
+        self._table = _WordTable()
 
-    def _add_words(self, words: list[str]) -> None:
-        """Encode new cache keys and append them to the word table.
-
-        Keys: ``" \\x00" + segment`` for a text's first segment (encoded alone, as it stands at the start
-        of a text, where SentencePiece adds its dummy prefix); ``word`` for the segment ``" " + word``;
-        a segment with several leading spaces is its own key. (A bare word never starts with a space and
-        a multi-space key starts with two, so the three kinds cannot collide.) A segment after a space is
-        encoded after a sentinel word whose ids are then dropped.
-        """
+    def _encode_words(self, words: list[str]) -> list[list[int]]:
+        """Ids of each segment ``" ..."`` as it stands inside a text: encoded after a sentinel word whose
+        ids are then dropped (no piece crosses the boundary between them)."""
         n = len(self._sentinel)
-        first = [w[:2] == _FIRST for w in words]
-        texts = [w[2:] if f else "." + (w if w[:1] == " " else " " + w) for w, f in zip(words, first)]
-        encoded = self.sp.encode(texts, out_type=int, num_threads=1)
-        parts = [ids if f else ids[n:] for f, ids in zip(first, encoded)]
-        lens = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
-        base = len(self._flat)
-        new_ids = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32, count=int(lens.sum()))
-        self._flat = np.concatenate([self._flat, new_ids])
-        self._wstart = np.concatenate([self._wstart, base + np.cumsum(lens) - lens])
-        self._wlen = np.concatenate([self._wlen, lens])
-        row = len(self._word_row)
-        for i, w in enumerate(words):
-            self._word_row[w] = row + i
+        return [ids[n:] for ids in self.sp.encode(["." + w for w in words], out_type=int, num_threads=1)]
 
     def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """All texts' ids concatenated, and ``bounds`` (len(texts) + 1): text i is ids[bounds[i]:bounds[i+1]]."""
+        """All texts' ids concatenated, and ``bounds`` (len(texts) + 1): text i is ids[bounds[i]:bounds[i+1]].
+
+        With the word cache: each text is read as ``" " + text`` (SentencePiece's dummy prefix is that
+        space) and cut before every space that follows a non-space; each such segment's ids are looked up
+        in a table of segments seen before, found by hash and confirmed byte for byte (numpy, no Python
+        per word); only new segments go to SentencePiece.
+        """
         if not self.word_cache:
             parts = self._encode_plain(texts)
             lens = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
             ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
             return ids, np.concatenate([[0], np.cumsum(lens)])
-        if len(self._word_row) > self.max_cache_words:
+        table = self._table
+        if table.rows > self.max_cache_words:
             self._reset_cache()
-        split = self._SEGMENT.findall
-        words: list[str] = []
-        counts = []
-        for text in texts:
-            if not text:
-                counts.append(0)
-                continue
-            if "  " not in text and text[0] != " ":
-                w = text.split(" ")  # the common case: single spaces, so the keys are the bare words
-            else:
-                w = split(text)
-                w[1:] = [x if x[1:2] == " " else x[1:] for x in w[1:]]
-            w[0] = _FIRST + w[0]
-            words.extend(w)
-            counts.append(len(w))
-        # One dictionary pass; only the (few) misses are visited again.
-        table = self._word_row
-        found = list(map(table.get, words))
-        self.cache_lookups += len(words)
-        if None in found:
-            where = list(itertools.compress(range(len(words)), map(operator.is_, found, itertools.repeat(None))))
-            missing = list(dict.fromkeys(words[i] for i in where))
-            self.cache_misses += len(missing)
-            self._add_words(missing)
-            for i in where:
-                found[i] = table[words[i]]
-        rows = np.fromiter(found, dtype=np.int64, count=len(found))
-        lens = self._wlen[rows]
-        seg_end = np.cumsum(lens)
-        total = int(seg_end[-1]) if len(seg_end) else 0
-        # Output position p inside word k reads _flat[_wstart[k] + (p - first position of word k)].
-        shift = np.repeat(self._wstart[rows] - (seg_end - lens), lens)
-        ids = self._flat[np.arange(total, dtype=np.int64) + shift]
-        word_bounds = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        bounds = np.concatenate([[0], seg_end])[word_bounds]
+            table = self._table
+        padded = [" " + t if t else "" for t in texts]
+        data = np.frombuffer("".join(padded).encode("utf-8"), dtype=np.uint8)
+        char_bounds = np.concatenate([[0], np.cumsum(np.fromiter(map(len, padded), dtype=np.int64, count=len(padded)))])
+        if len(data) == char_bounds[-1]:  # all ASCII
+            doc_starts = char_bounds
+        else:  # byte position of each text's first character
+            doc_starts = np.append(np.flatnonzero((data & 0xC0) != 0x80), len(data))[char_bounds]
+        doc_bytes = np.diff(doc_starts)
+        self._last_text_bytes = np.maximum(doc_bytes - 1, 0)  # without the leading space
+        space = data == 32
+        cut = space.copy()
+        cut[1:] &= ~space[:-1]
+        cut[doc_starts[:-1][doc_bytes > 0]] = True  # a segment never spans two texts
+        seg_starts = np.flatnonzero(cut)
+        seg_ends = np.append(seg_starts[1:], len(data))
+        rows = table.lookup(data, seg_starts, seg_ends)
+        new = np.flatnonzero(rows < 0)
+        self.cache_lookups += len(seg_starts)
+        if len(new):
+            # the distinct new segments (by content), each encoded once
+            words = [data[seg_starts[k]:seg_ends[k]].tobytes().decode("utf-8") for k in new]
+            first = {}
+            for k, w in zip(new.tolist(), words):
+                first.setdefault(w, k)
+            unique = list(first)
+            self.cache_misses += len(unique)
+            added = table.add(unique, self._encode_words(unique), data, [first[w] for w in unique], seg_starts, seg_ends)
+            index = dict(zip(unique, added))
+            rows[new] = [index[w] for w in words]
+        lens = table.lengths[rows]
+        seg_tok_end = np.cumsum(lens)
+        total = int(seg_tok_end[-1]) if len(seg_tok_end) else 0
+        # Output position p inside segment k reads flat[start_k + (p - first output position of segment k)].
+        shift = np.repeat(table.starts[rows] - (seg_tok_end - lens), lens)
+        ids = table.flat[np.arange(total, dtype=np.int64) + shift]
+        seg_bounds = np.searchsorted(seg_starts, doc_starts)
+        bounds = np.concatenate([[0], seg_tok_end])[seg_bounds]
         return ids, bounds.astype(np.int64)
 
     def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -332,8 +449,11 @@ class SentencePieceTokenizer:
         ids, bounds = self._encode_flat(texts)
         if not offsets:
             return FlatEncoding(ids, bounds)
-        nbytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts), dtype=np.int64,
-                             count=len(texts))
+        if self.word_cache:
+            nbytes = self._last_text_bytes
+        else:
+            nbytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts), dtype=np.int64,
+                                 count=len(texts))
         bases = np.concatenate([[0], np.cumsum(nbytes)])
         counts = np.diff(bounds)
         doc_of = np.repeat(np.arange(len(texts)), counts)
@@ -388,13 +508,15 @@ class HuggingFaceTokenizer:
 
     Loaded with ``local_files_only``: never downloads. ``eod`` is the tokenizer's EOS token, else
     ``<|endoftext|>``; ``pad`` its pad token, else ``<|pad|>``, else None. ``tokenize`` adds no special
-    tokens (no BOS), as pretraining data wants; pass ``add_special_tokens=True`` to change that.
+    tokens (no BOS), as pretraining data wants; pass ``add_special_tokens=True`` to change that. Text is
+    text: a document containing the string ``<|endoftext|>`` does not produce the special token (as with
+    SentencePiece control pieces); ``special_tokens_in_text=True`` restores Hugging Face's matching.
     """
 
     kind = "HuggingFaceTokenizer"
 
     def __init__(self, path: str, eod_token: str | None = None, pad_token: str | None = None,
-                 add_special_tokens: bool = False):
+                 add_special_tokens: bool = False, special_tokens_in_text: bool = False):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if not os.path.exists(path):
@@ -411,6 +533,8 @@ class HuggingFaceTokenizer:
                              "save it with tokenizer.json")
         self.path = path
         self.backend = self.hf.backend_tokenizer
+        if not special_tokens_in_text and hasattr(self.backend, "encode_special_tokens"):
+            self.backend.encode_special_tokens = True
         self.add_special_tokens = add_special_tokens
         self.vocab_size = len(self.hf)
 
