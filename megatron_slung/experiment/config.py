@@ -5,7 +5,7 @@ A *scale* changes only sizes; the pipeline is the same from the smoke test to GP
 | scale | what it is for | model | tokens per run |
 |---|---|---|---|
 | ``smoke`` | the test suite: every stage runs, nothing is learned | 2 x 32, seq 64 | ~10k |
-| ``tiny`` | the quickstart and the CPU experiment (2 cores, minutes per run) | 4 x 128, seq 128 | ~0.4M |
+| ``tiny`` | the quickstart and the CPU experiment (2 cores, minutes per run) | 4 x 128, seq 128 | ~0.8M |
 | ``small`` | one CPU machine for hours, or a GPU for minutes | 6 x 256, seq 256 | ~8M |
 | ``gpu-hours`` | one GPU for hours (bring more text with ``--input``) | 12 x 768, seq 1024 | ~0.5B |
 
@@ -42,14 +42,14 @@ class ModelConfig:
     seq_length: int = 128
     micro_batch_size: int = 16
     global_batch_size: int = 16
-    train_iters: int = 200
+    train_iters: int = 400
     lr: float = 3e-3
     min_lr: float = 3e-4
-    lr_warmup_iters: int = 20
+    lr_warmup_iters: int = 40
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     bf16: bool = False
-    log_interval: int = 20
+    log_interval: int = 50
     extra_flags: tuple = ()  # any other pretrain flags, e.g. ("--tensor-model-parallel-size", "2")
 
     def flags(self) -> list[str]:
@@ -73,12 +73,12 @@ class ModelConfig:
 class EvalConfig:
     """Sizes of the evaluations (the held-out files hold more; the first N of each are used)."""
     perplexity_docs: int = 150
-    labelled: int = 400          # probe / zero-shot / steering examples (balanced in the file)
+    labelled: int = 600          # probe / zero-shot / steering examples (balanced in the file)
     prompts: int = 60            # generation prompts (toxic and clean alternate in the file)
     samples_per_prompt: int = 5
     max_new_tokens: int = 20
     top_k: int = 50
-    steer_alphas: tuple = (0.0, 8.0)
+    steer_alphas: tuple = (0.0, 4.0)
     steer_top_k_heads: int = 4
     safe_beam_prompts: int = 30
     num_beams: int = 4

@@ -63,6 +63,9 @@ def config_from_args(args, quickstart: bool):
         cfg.model.lr_warmup_iters = min(cfg.model.lr_warmup_iters, max(0, args.train_iters // 10))
     if args.jobs is not None:
         cfg.jobs = max(1, args.jobs)
+    elif quickstart and cfg.jobs > 1:
+        # A few runs: all at once (3 runs on 2 cores finish in 1.5 run-times, not 2).
+        cfg.jobs = max(cfg.jobs, min(3, len(cfg.treatments) * len(cfg.shares)))
     cfg.threads = args.threads
     cfg.seed = args.seed
     return cfg
@@ -72,7 +75,7 @@ def main(argv=None, quickstart: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(quickstart).parse_args(argv)
     cfg = config_from_args(args, quickstart)
-    run_dir = args.run_dir or os.path.join("runs", "quickstart" if quickstart else f"experiment-{args.scale}")
+    run_dir = os.path.abspath(args.run_dir or os.path.join("runs", "quickstart" if quickstart else f"experiment-{args.scale}"))
     os.makedirs(run_dir, exist_ok=True)
     prog = "examples/quickstart.py" if quickstart else "examples/experiment.py"
     command = " ".join(["python", prog] + [shlex.quote(a) for a in argv])
@@ -80,7 +83,7 @@ def main(argv=None, quickstart: bool = False) -> int:
     start = time.perf_counter()
     stages.log(f"megatron-slung {cfg.name}: scale {cfg.scale}, {len(runs)} runs "
                f"({', '.join(cfg.treatments)} at toxic share {', '.join(f'{s:.0%}' for s in cfg.shares)}), "
-               f"outputs in {run_dir}/")
+               f"outputs in {stages.show_path(run_dir)}/")
     timings: dict = {}
     try:
         data = stages.prepare_data(cfg, run_dir, args.input, timings)
@@ -89,7 +92,7 @@ def main(argv=None, quickstart: bool = False) -> int:
         timings["pretrain + evaluate"] = round(time.perf_counter() - t0, 1)
     except Exception as e:  # a stage failed: say which and where its log is
         stages.log(f"\nerror: {e}")
-        stages.log(f"(fix the cause and rerun the same command: finished stages are reused; outputs in {run_dir}/)")
+        stages.log(f"(fix the cause and rerun the same command: finished stages are reused; outputs in {stages.show_path(run_dir)}/)")
         return 1
     title = f"megatron-slung {cfg.name} ({cfg.scale} scale: {cfg.model.num_layers} layers x {cfg.model.hidden_size}, " \
             f"{_tokens(cfg.model.tokens_per_run)} training tokens per run)"

@@ -177,7 +177,7 @@ def stage_corpus(run_dir: str, input_path: str | None, seed: int) -> dict:
     start = time.perf_counter()
     manifest = build_corpus(corpus_dir, input_path, SplitConfig(seed=seed))
     s = manifest["splits"]
-    log(f"   corpus: {s['train_clean']['documents']} clean + {s['train_toxic']['documents']} toxic training documents, "
+    log(f"   corpus ({show_path(corpus_dir)}): {s['train_clean']['documents']} clean + {s['train_toxic']['documents']} toxic training documents, "
         f"held out {s['heldout_clean']['documents']} clean / {s['labelled']['documents']} labelled / "
         f"{s['prompts']['documents']} prompts ({time.perf_counter() - start:.1f} s)")
     return manifest
