@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (or reuse) the environment, then run the experiment: toxic share {0,5,10,25}% x treatment
+# {ce, filtered, masked, unlikelihood, tags} at one scale. Arguments go to examples/experiment.py:
+#
+#   bash examples/experiment.sh --scale tiny          # CPU: 20 small GPTs, 1-1.5 hours on 2 cores
+#   bash examples/experiment.sh --scale gpu-hours     # one GPU, hours (bring more text with --input)
+#
+# Output in runs/experiment-SCALE/ (results.md, results.json, results.png); a rerun reuses finished runs.
+SECONDS=0
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/setup_env.sh" || exit 1
+cd "$SLUNG_ROOT" || exit 1
+set -euo pipefail
+python examples/experiment.py "$@"
+echo "[experiment] total wall time $((SECONDS / 60)) min $((SECONDS % 60)) s"
