@@ -19,7 +19,6 @@ import argparse
 import collections
 import gzip
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from megatron_slung.data.corpus import (  # noqa: E402
     expand_inputs,
     get_text,
     is_compressed,
+    ordered_pool_map,
     parse_record,
     read_chunks,
 )
@@ -190,33 +190,15 @@ def run(inputs, output: str, config: TagConfig, workers: int = 1, log_interval: 
     progress = Progress(log_interval, total)
     chars = collections.Counter()
     start = time.perf_counter()
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
     with atomic_output(output) as tmp, _open_output(tmp) as out:
-        pool = ctx.Pool(max(1, workers), initializer=_init, initargs=(config,))
-        try:
-            pending = collections.deque()
-
-            def consume(result):
-                text, docs, nbytes, counts = result
-                out.write(text)
-                chars.update(counts)
-                progress.update(docs, nbytes)
-
-            for file_index, path in enumerate(files):
-                for chunk in read_chunks(path, file_index, chunk_bytes):
-                    pending.append(pool.apply_async(_tag, (chunk,)))
-                    if len(pending) >= 2 * max(1, workers) + 2:
-                        consume(pending.popleft().get())
-            while pending:
-                consume(pending.popleft().get())
-        except BaseException:
-            pool.terminate()
-            pool.join()
-            raise
-        pool.close()
-        pool.join()
+        chunks = (chunk for file_index, path in enumerate(files) for chunk in read_chunks(path, file_index, chunk_bytes))
+        for text, docs, nbytes, counts in ordered_pool_map(_tag, chunks, workers, initializer=_init,
+                                                           initargs=(config,)):
+            out.write(text)
+            chars.update(counts)
+            progress.update(docs, nbytes)
     elapsed = time.perf_counter() - start
     return {"documents": progress.docs, "input_bytes": progress.bytes, "seconds": elapsed,
             "docs_per_s": progress.docs / max(elapsed, 1e-9),

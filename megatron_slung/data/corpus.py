@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import gzip
 import io
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -164,6 +166,34 @@ def atomic_output(path: str):
             os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+def mp_context():
+    """fork where the platform has it (workers inherit the loaded tokenizer/tagger), else spawn."""
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def ordered_pool_map(func, items, workers: int, initializer=None, initargs=()):
+    """Yield ``func(item)`` for each item, in input order, computed by a pool of ``workers`` processes.
+
+    At most ``2 * workers + 2`` items are in flight, so memory stays bounded however long the input is.
+    If the consumer stops early (an exception, or closing the generator), the pool is terminated.
+    """
+    pool = mp_context().Pool(max(1, workers), initializer=initializer, initargs=initargs)
+    try:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.apply_async(func, (item,)))
+            if len(pending) >= 2 * max(1, workers) + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
 
 
 class Progress:

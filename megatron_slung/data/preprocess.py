@@ -25,9 +25,7 @@ are an error with ``empty_documents="error"``.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -45,6 +43,8 @@ from megatron_slung.data.corpus import (
     expand_inputs,
     get_text,
     is_compressed,
+    mp_context,
+    ordered_pool_map,
     parse_record,
     read_chunks,
 )
@@ -330,11 +330,6 @@ def _chunks(segments: list[Segment], chunk_bytes: int):
 # Running
 
 
-def _context():
-    methods = mp.get_all_start_methods()
-    return mp.get_context("fork" if "fork" in methods else "spawn")
-
-
 def _encode_segments(segments, opts: PreprocessOptions, workers: int, prefixes: dict, vocab_size: int,
                      label: str = "", stream=None) -> Summary:
     """Encode ``segments`` with a pool of ``workers`` into new datasets at ``prefixes[key]``."""
@@ -349,37 +344,22 @@ def _encode_segments(segments, opts: PreprocessOptions, workers: int, prefixes: 
     with contextlib.ExitStack() as stack:
         for key in opts.json_keys:
             builders[key] = stack.enter_context(IndexedDatasetBuilder(prefixes[key], vocab_size=vocab_size, with_risk=True))
-        pool = _context().Pool(max(1, workers), initializer=_init_worker, initargs=(opts,))
-        try:
-            pending = collections.deque()
-
-            def consume(result):
-                summary.records += result["records"]
-                summary.input_bytes += result["nbytes"]
-                summary.empty_where = (summary.empty_where + result["empty_where"])[:MAX_EMPTY_REPORTED]
-                ntok = 0
-                for key, (tokens, lengths, risk, ks) in result["keys"].items():
-                    builders[key].add_documents(tokens, lengths, risk)
-                    mine = summary.keys[key]
-                    mine.documents += ks.documents
-                    mine.tokens += ks.tokens
-                    mine.empty_skipped += ks.empty_skipped
-                    mine.tags_inserted += ks.tags_inserted
-                    ntok += ks.tokens
-                progress.update(result["records"], result["nbytes"], ntok)
-
-            for chunk in _chunks(segments, opts.chunk_bytes):
-                pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
-                if len(pending) >= 2 * max(1, workers) + 2:
-                    consume(pending.popleft().get())
-            while pending:
-                consume(pending.popleft().get())
-        except BaseException:
-            pool.terminate()
-            pool.join()
-            raise
-        pool.close()
-        pool.join()
+        results = ordered_pool_map(_encode_in_worker, _chunks(segments, opts.chunk_bytes), workers,
+                                   initializer=_init_worker, initargs=(opts,))
+        for result in results:
+            summary.records += result["records"]
+            summary.input_bytes += result["nbytes"]
+            summary.empty_where = (summary.empty_where + result["empty_where"])[:MAX_EMPTY_REPORTED]
+            ntok = 0
+            for key, (tokens, lengths, risk, ks) in result["keys"].items():
+                builders[key].add_documents(tokens, lengths, risk)
+                mine = summary.keys[key]
+                mine.documents += ks.documents
+                mine.tokens += ks.tokens
+                mine.empty_skipped += ks.empty_skipped
+                mine.tags_inserted += ks.tags_inserted
+                ntok += ks.tokens
+            progress.update(result["records"], result["nbytes"], ntok)
         for key, builder in builders.items():
             summary.keys[key].risk_counts = builder.risk_counts.tolist()
     summary.seconds = time.perf_counter() - start
@@ -428,7 +408,7 @@ def _preprocess_partitioned(files, opts, workers, partitions, finals, vocab_size
     os.makedirs(parent, exist_ok=True)
     tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}.partitions-", dir=parent)
     try:
-        ctx = _context()
+        ctx = mp_context()
         queue = ctx.Queue()
         procs = []
         part_prefixes = []
