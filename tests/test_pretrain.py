@@ -196,3 +196,19 @@ def test_trains_on_a_dataset_made_by_the_tools(tmp_path):
     assert risky and all(levels[lv] == "ignore" for lv in risky)  # risky tokens seen, not trained on
     assert levels.get("1") == "ce"
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000004"
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path):
+    """--torch-compile (each layer's body compiled) follows the eager run's losses to rounding level."""
+    args = TINY + ["--train-iters", "4"]
+    eager = run_cli(args + ["--metrics-jsonl", tmp_path / "eager.jsonl"])
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    compiled = run_cli(args + ["--torch-compile", "--metrics-jsonl", tmp_path / "compiled.jsonl"])
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "transformer layers compiled" in compiled.stdout and "compiled" not in eager.stdout
+    a = train_records(read_jsonl(tmp_path / "eager.jsonl"))
+    b = train_records(read_jsonl(tmp_path / "compiled.jsonl"))
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5), x["iteration"]

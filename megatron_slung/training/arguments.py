@@ -61,6 +61,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in the backward")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile each transformer layer's body (fuses RoPE, RMSNorm, SwiGLU and residuals; "
+                        "the first iterations compile, numerics change at rounding level)")
     # Megatron spellings of what this model always is; accepted so Megatron scripts run unchanged.
     g.add_argument("--position-embedding-type", choices=["rope"], default="rope")
     g.add_argument("--normalization", choices=["RMSNorm"], default="RMSNorm")

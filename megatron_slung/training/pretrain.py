@@ -144,7 +144,7 @@ def _num_parameters_note(config) -> str:
 def setup(args, device: torch.device) -> Trainer:
     import deepspeed
 
-    from megatron_slung.model.gpt import GPTModel, pad_vocab_size
+    from megatron_slung.model.gpt import GPTModel, compile_transformer_layers, pad_vocab_size
     from megatron_slung.parallel import state
     from megatron_slung.parallel.random import model_parallel_manual_seed
 
@@ -179,6 +179,8 @@ def setup(args, device: torch.device) -> Trainer:
         module = GPTPipelineModule(config, loss_fn=loss_fn, partition_method=args.pipeline_partition_method)
     else:
         module = GPTModel(config)
+    if args.torch_compile:
+        assert compile_transformer_layers(module) > 0
     optimizer = build_optimizer(module, args, device)
     scheduler = LRScheduler.from_args(optimizer, args)
     guard = StepGuard(optimizer)
@@ -417,6 +419,7 @@ def _run(args, device) -> dict:
         f"{args.padded_vocab_size}), global batch {args.global_batch_size} x {args.seq_length} tokens "
         f"(micro {args.micro_batch_size}, GAS {args.gradient_accumulation_steps}), ZeRO {args.zero_stage}, "
         f"{args.params_dtype}, loss policy {args.risk_loss_policy!r}"
+        + (", transformer layers compiled (--torch-compile)" if args.torch_compile else "")
     )
 
     iteration, consumed_train, consumed_valid = 0, 0, 0
