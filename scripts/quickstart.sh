@@ -6,7 +6,7 @@
 #   pretrain three small GPTs at 10% toxic share (ce, masked, unlikelihood) -> evaluate each ->
 #   results table + runs/quickstart/results.{json,md,png}
 #
-# About 30 minutes on 2 CPU cores from a fresh clone (the environment build is a few of them). A rerun
+# About 11 minutes on 2 CPU cores from a fresh clone (the environment build is about 4 of them). A rerun
 # reuses every stage whose outputs are up to date. Arguments go to examples/quickstart.py (see --help),
 # e.g. `bash scripts/quickstart.sh --input my.jsonl --run-dir runs/mine`. SLUNG_RUN_DIR sets the output
 # directory (default runs/quickstart); delete it to start over.
