@@ -249,11 +249,26 @@ class _WordTable:
         return new_rows.tolist()
 
 
+class _TokenizerBase:
+    """The single-text and offset methods, derived from a subclass's ``tokenize_batch`` and ``encode_flat``."""
+
+    def tokenize_batch_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, offsets)`` per text: int32 ids and an int64 ``[n, 2]`` array of character spans."""
+        return _per_text_char_offsets(texts, self.encode_flat(texts, offsets=True))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenize_batch([text])[0].tolist()
+
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets = self.tokenize_batch_with_offsets([text])[0]
+        return ids.tolist(), _pairs(offsets[:, 0], offsets[:, 1])
+
+
 # ----------------------------------------------------------------------------------------------------
 # SentencePiece
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_TokenizerBase):
     """A local SentencePiece ``.model`` file.
 
     ``eod`` is the id of ``<|endoftext|>`` when the model has that piece, else its ``</s>``;
@@ -483,17 +498,6 @@ class SentencePieceTokenizer:
                 ends[a:b] = off[:, 1] + bases[i]
         return FlatEncoding(ids, bounds, starts, ends, "byte", bases)
 
-    def tokenize_batch_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(ids, offsets)`` per text: int32 ids and an int64 ``[n, 2]`` array of character spans."""
-        return _per_text_char_offsets(texts, self.encode_flat(texts, offsets=True))
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenize_batch([text])[0].tolist()
-
-    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        ids, offsets = self.tokenize_batch_with_offsets([text])[0]
-        return ids.tolist(), _pairs(offsets[:, 0], offsets[:, 1])
-
     def detokenize(self, ids) -> str:
         """Text of ``ids``; control pieces (``<|endoftext|>``, tags, padding) decode to nothing."""
         return self.sp.decode([int(i) for i in ids])
@@ -503,7 +507,7 @@ class SentencePieceTokenizer:
 # Hugging Face
 
 
-class HuggingFaceTokenizer:
+class HuggingFaceTokenizer(_TokenizerBase):
     """A local Hugging Face tokenizer: a directory (``tokenizer.json``, config, ...) or a ``tokenizer.json``.
 
     Loaded with ``local_files_only``: never downloads. ``eod`` is the tokenizer's EOS token, else
@@ -577,16 +581,6 @@ class HuggingFaceTokenizer:
                            dtype=np.int64, count=2 * int(bounds[-1])).reshape(-1, 2)
         shift = np.repeat(bases[:-1], counts)
         return FlatEncoding(ids, bounds, flat[:, 0] + shift, flat[:, 1] + shift, "char", bases)
-
-    def tokenize_batch_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return _per_text_char_offsets(texts, self.encode_flat(texts, offsets=True))
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenize_batch([text])[0].tolist()
-
-    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        ids, offsets = self.tokenize_batch_with_offsets([text])[0]
-        return ids.tolist(), _pairs(offsets[:, 0], offsets[:, 1])
 
     def detokenize(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
