@@ -20,22 +20,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ -f .venv/bin/activate ] && source .venv/bin/activate
 
 HOSTFILE=${HOSTFILE:-examples/hostfile.example}
-CONFIG=${CONFIG:-examples/gpt_1b.yaml}
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
 MASTER_PORT=${MASTER_PORT:-29500}
-NAME=$(basename "$CONFIG" .yaml)
-SAVE=${SAVE:-runs/$NAME}
-
-ARGS=(--config "$CONFIG" --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}"
-      --save "$SAVE" --load "$SAVE" --tensorboard-dir "$SAVE/tensorboard" --metrics-jsonl "$SAVE/metrics.jsonl")
-if [ -n "${DATA_PATH:-}" ]; then
-    # shellcheck disable=SC2206
-    ARGS+=(--data-path $DATA_PATH --tokenizer-type "${TOKENIZER_TYPE:-SentencePieceTokenizer}"
-           --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL with DATA_PATH}")
-else
-    ARGS+=(--mock-data --vocab-size "${VOCAB_SIZE:-32000}")
-fi
-[ -n "${DS_CONFIG:-}" ] && ARGS+=(--deepspeed-config "$DS_CONFIG")
+source examples/pretrain_args.sh
 
 # shellcheck disable=SC2086
 exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \

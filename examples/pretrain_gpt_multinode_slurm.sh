@@ -27,26 +27,13 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "${BASH_SOURCE[0]}")/..}"
 [ -f .venv/bin/activate ] && source .venv/bin/activate
 
-CONFIG=${CONFIG:-examples/gpt_1b.yaml}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 50000))}
-NAME=$(basename "$CONFIG" .yaml)
-SAVE=${SAVE:-runs/$NAME}
+source examples/pretrain_args.sh
+ARGS+=(--num-workers 2)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export NCCL_ASYNC_ERROR_HANDLING=1  # fail fast instead of hanging when a rank dies
-
-ARGS=(--config "$CONFIG" --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}"
-      --save "$SAVE" --load "$SAVE" --tensorboard-dir "$SAVE/tensorboard" --metrics-jsonl "$SAVE/metrics.jsonl"
-      --num-workers 2)
-if [ -n "${DATA_PATH:-}" ]; then
-    # shellcheck disable=SC2206
-    ARGS+=(--data-path $DATA_PATH --tokenizer-type "${TOKENIZER_TYPE:-SentencePieceTokenizer}"
-           --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL with DATA_PATH}")
-else
-    ARGS+=(--mock-data --vocab-size "${VOCAB_SIZE:-32000}")
-fi
-[ -n "${DS_CONFIG:-}" ] && ARGS+=(--deepspeed-config "$DS_CONFIG")
 
 echo "[slurm] $SLURM_NNODES nodes x $GPUS_PER_NODE GPUs, rendezvous at $MASTER_ADDR:$MASTER_PORT, checkpoints in $SAVE"
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 \

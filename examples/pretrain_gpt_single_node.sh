@@ -14,22 +14,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ -f .venv/bin/activate ] && source .venv/bin/activate
 
-CONFIG=${CONFIG:-examples/gpt_1b.yaml}
 if [ -z "${NPROC:-}" ]; then
     NPROC=$(python -c 'import torch; print(torch.cuda.device_count() or 2)')
 fi
-NAME=$(basename "$CONFIG" .yaml)
-SAVE=${SAVE:-runs/$NAME}
-
-ARGS=(--config "$CONFIG" --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}"
-      --save "$SAVE" --load "$SAVE" --tensorboard-dir "$SAVE/tensorboard" --metrics-jsonl "$SAVE/metrics.jsonl")
-if [ -n "${DATA_PATH:-}" ]; then
-    # shellcheck disable=SC2206
-    ARGS+=(--data-path $DATA_PATH --tokenizer-type "${TOKENIZER_TYPE:-SentencePieceTokenizer}"
-           --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL with DATA_PATH}")
-else
-    ARGS+=(--mock-data --vocab-size "${VOCAB_SIZE:-32000}")
-fi
-[ -n "${DS_CONFIG:-}" ] && ARGS+=(--deepspeed-config "$DS_CONFIG")
+source examples/pretrain_args.sh
 
 exec torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" -m megatron_slung.pretrain "${ARGS[@]}" "$@"
