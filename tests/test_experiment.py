@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from megatron_slung.experiment import report, scoring, stages
+from megatron_slung.experiment import report, scoring
 from megatron_slung.experiment.config import TREATMENTS, scale_config
 from megatron_slung.experiment.stages import DataArtifacts, Run, blend, cached_stage
 

@@ -1,7 +1,6 @@
 """The pretraining job on one process: resume is bit-exact, crashes mid-save are survived, the per-level logs and
 the global-batch normalisation are right, NaN losses stop the run or are skipped, bad flags fail at start."""
 
-import os
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ over 127.0.0.1 train like one process; the loss is normalised over the whole glo
 skipped in a pipeline too.
 """
 
-import os
 import subprocess
 import sys
 

@@ -30,12 +30,11 @@ from megatron_slung.data.corpus import (  # noqa: E402
     InputError,
     Progress,
     atomic_output,
-    decode_lines,
     expand_inputs,
     get_text,
     is_compressed,
+    iter_records,
     ordered_pool_map,
-    parse_record,
     read_chunks,
 )
 from megatron_slung.data.risk import level_name  # noqa: E402
@@ -121,15 +120,10 @@ class ChunkTagger:
 
     def tag_chunk(self, chunk):
         cfg = self.config
-        lines = decode_lines(chunk)
         records = []
         texts = {key: [] for key in cfg.json_keys}
         given = {key: [] for key in cfg.json_keys} if cfg.unit == "given" else None
-        for i, line in enumerate(lines):  # one pass in line order: the first bad line is the one reported
-            line_no = chunk.first_line + i
-            record = parse_record(line, chunk.path, line_no)
-            if record is None:
-                continue
+        for line_no, record in iter_records(chunk):  # one pass in line order: the first bad line is reported
             records.append(record)
             for key in cfg.json_keys:
                 text = get_text(record, key, chunk.path, line_no)

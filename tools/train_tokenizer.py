@@ -34,7 +34,7 @@ from megatron_slung.data.corpus import (  # noqa: E402
     decode_lines,
     expand_inputs,
     get_text,
-    parse_record,
+    iter_records,
     read_chunks,
 )
 from megatron_slung.data.tokenizers import EOD_TOKEN, HARM_TAG_TOKEN, PAD_TOKEN  # noqa: E402
@@ -83,18 +83,12 @@ def iter_sentences(files, fmt: str, json_keys):
     for file_index, path in enumerate(files):
         jsonl = _is_jsonl(path, fmt)
         for chunk in read_chunks(path, file_index):
-            lines = decode_lines(chunk)
-            for i, line in enumerate(lines):
-                if jsonl:
-                    record = parse_record(line, path, chunk.first_line + i)
-                    if record is None:
-                        continue
-                    for key in json_keys:
-                        for sub in get_text(record, key, path, chunk.first_line + i).split("\n"):
-                            if sub.strip():
-                                yield sub
-                elif line.strip():
-                    yield line.rstrip("\r")
+            if not jsonl:
+                yield from (line.rstrip("\r") for line in decode_lines(chunk) if line.strip())
+                continue
+            for line_no, record in iter_records(chunk):
+                for key in json_keys:
+                    yield from (sub for sub in get_text(record, key, path, line_no).split("\n") if sub.strip())
 
 
 def sample_sentences(sentences, limit: int, seed: int):

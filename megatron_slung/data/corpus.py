@@ -140,6 +140,14 @@ def parse_record(line: str, path: str, line_no: int):
     return record
 
 
+def iter_records(chunk: Chunk):
+    """``(line_no, record)`` for every non-blank line of the chunk, in order (the first bad line raises)."""
+    for i, line in enumerate(decode_lines(chunk)):
+        record = parse_record(line, chunk.path, chunk.first_line + i)
+        if record is not None:
+            yield chunk.first_line + i, record
+
+
 def get_text(record: dict, key: str, path: str, line_no: int) -> str:
     try:
         text = record[key]

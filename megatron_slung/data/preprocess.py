@@ -39,13 +39,12 @@ from megatron_slung.data.corpus import (
     Chunk,
     InputError,
     Progress,
-    decode_lines,
     expand_inputs,
     get_text,
     is_compressed,
+    iter_records,
     mp_context,
     ordered_pool_map,
-    parse_record,
     read_chunks,
 )
 from megatron_slung.data.indexed_dataset import IndexedDatasetBuilder, token_dtype
@@ -205,14 +204,9 @@ class Encoder:
     def encode_chunk(self, chunk: Chunk):
         """Parse, validate and tokenize a chunk; returns flat arrays per key (see module docstring)."""
         opts, tok = self.opts, self.tokenizer
-        lines = decode_lines(chunk)
         line_nos = []
         per_key = {key: ([], [], []) for key in opts.json_keys}  # texts, spans, uniform level
-        for i, line in enumerate(lines):  # one pass in line order: the first bad line is the one reported
-            line_no = chunk.first_line + i
-            record = parse_record(line, chunk.path, line_no)
-            if record is None:
-                continue
+        for line_no, record in iter_records(chunk):  # one pass in line order: the first bad line is reported
             line_nos.append(line_no)
             for key, (texts, spans, uniform) in per_key.items():
                 text = get_text(record, key, chunk.path, line_no)

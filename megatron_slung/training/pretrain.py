@@ -28,7 +28,6 @@ they need no extra scaling.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
