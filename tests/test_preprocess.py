@@ -271,3 +271,22 @@ def test_summary_and_flags(tmp_path, sp_model):
     bad = run_tool("preprocess_data.py", "--input", path, "--output-prefix", tmp_path / "x", "--tokenizer-type", SP,
                    "--tokenizer-model", sp_model, "--harm-tag", "<|no-such-tag|>", check=False)
     assert bad.returncode == 1 and "not a token" in bad.stderr
+
+
+def _square(x):
+    return x * x
+
+
+def test_ordered_pool_map_keeps_order_and_stops_its_workers():
+    import contextlib
+    import multiprocessing as mp
+
+    from megatron_slung.data.corpus import ordered_pool_map
+
+    assert list(ordered_pool_map(_square, range(50), 3)) == [x * x for x in range(50)]  # > the in-flight window
+    with pytest.raises(RuntimeError):
+        with contextlib.closing(ordered_pool_map(_square, range(50), 2)) as results:
+            for value in results:
+                if value > 10:
+                    raise RuntimeError("consumer failed")
+    assert mp.active_children() == []  # the pool was terminated, not left to the garbage collector

@@ -17,6 +17,7 @@ the file appears only when everything succeeded. See megatron_slung/data/tagging
 
 import argparse
 import collections
+import contextlib
 import gzip
 import json
 import os
@@ -188,11 +189,12 @@ def run(inputs, output: str, config: TagConfig, workers: int = 1, log_interval: 
     os.makedirs(out_dir, exist_ok=True)
     with atomic_output(output) as tmp, _open_output(tmp) as out:
         chunks = (chunk for file_index, path in enumerate(files) for chunk in read_chunks(path, file_index, chunk_bytes))
-        for text, docs, nbytes, counts in ordered_pool_map(_tag, chunks, workers, initializer=_init,
-                                                           initargs=(config,)):
-            out.write(text)
-            chars.update(counts)
-            progress.update(docs, nbytes)
+        with contextlib.closing(ordered_pool_map(_tag, chunks, workers, initializer=_init,
+                                                 initargs=(config,))) as results:
+            for text, docs, nbytes, counts in results:
+                out.write(text)
+                chars.update(counts)
+                progress.update(docs, nbytes)
     elapsed = time.perf_counter() - start
     return {"documents": progress.docs, "input_bytes": progress.bytes, "seconds": elapsed,
             "docs_per_s": progress.docs / max(elapsed, 1e-9),

@@ -338,8 +338,10 @@ def _encode_segments(segments, opts: PreprocessOptions, workers: int, prefixes: 
     with contextlib.ExitStack() as stack:
         for key in opts.json_keys:
             builders[key] = stack.enter_context(IndexedDatasetBuilder(prefixes[key], vocab_size=vocab_size, with_risk=True))
-        results = ordered_pool_map(_encode_in_worker, _chunks(segments, opts.chunk_bytes), workers,
-                                   initializer=_init_worker, initargs=(opts,))
+        # closing(): an error in this loop terminates the workers at once, not when the generator is collected
+        results = stack.enter_context(contextlib.closing(ordered_pool_map(
+            _encode_in_worker, _chunks(segments, opts.chunk_bytes), workers,
+            initializer=_init_worker, initargs=(opts,))))
         for result in results:
             summary.records += result["records"]
             summary.input_bytes += result["nbytes"]
