@@ -105,12 +105,9 @@ __device__ __forceinline__ void add_value(acc_t& m, acc_t& s, acc_t& sx, acc_t v
   }
 }
 
-// Block-wide merge of every thread's (m, s, sx), in a fixed order; every thread gets the result.
-template <typename acc_t, int THREADS>
-__device__ RowStats<acc_t> block_reduce(RowStats<acc_t> st) {
-  constexpr int kWarps = THREADS / 32;
-  __shared__ acc_t sm_m[kWarps], sm_s[kWarps], sm_x[kWarps];
-  __shared__ RowStats<acc_t> result;
+// Warp-wide merge of the lanes' (m, s, sx) by butterfly shuffles; every lane gets the result.
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> warp_reduce(RowStats<acc_t> st) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     const acc_t m2 = __shfl_xor_sync(0xffffffffu, st.m, offset);
@@ -118,6 +115,16 @@ __device__ RowStats<acc_t> block_reduce(RowStats<acc_t> st) {
     st.sx += __shfl_xor_sync(0xffffffffu, st.sx, offset);
     merge(st.m, st.s, m2, s2);
   }
+  return st;
+}
+
+// Block-wide merge of every thread's (m, s, sx), in a fixed order; every thread gets the result.
+template <typename acc_t, int THREADS>
+__device__ RowStats<acc_t> block_reduce(RowStats<acc_t> st) {
+  constexpr int kWarps = THREADS / 32;
+  __shared__ acc_t sm_m[kWarps], sm_s[kWarps], sm_x[kWarps];
+  __shared__ RowStats<acc_t> result;
+  st = warp_reduce(st);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
     sm_m[warp] = st.m;
@@ -128,13 +135,7 @@ __device__ RowStats<acc_t> block_reduce(RowStats<acc_t> st) {
   if (warp == 0) {
     RowStats<acc_t> w{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
     if (lane < kWarps) w = {sm_m[lane], sm_s[lane], sm_x[lane]};
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const acc_t m2 = __shfl_xor_sync(0xffffffffu, w.m, offset);
-      const acc_t s2 = __shfl_xor_sync(0xffffffffu, w.s, offset);
-      w.sx += __shfl_xor_sync(0xffffffffu, w.sx, offset);
-      merge(w.m, w.s, m2, s2);
-    }
+    w = warp_reduce(w);
     if (lane == 0) result = w;
   }
   __syncthreads();
