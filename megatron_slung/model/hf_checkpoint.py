@@ -14,9 +14,11 @@ Checkpoint layout (DeepSpeed's, so the trainer loads what ``convert_from_hf`` wr
 
     CKPT/TAG/slung_state.pt, args.json                  the trainer's own state: iteration, arguments (JSON)
 
-The model configuration is read from ``model_config`` in the ``mp_rank`` files (written by
-``convert_from_hf``) or else from the trainer's arguments in ``slung_state.pt`` (Megatron's names:
-num_layers, hidden_size, ...; the vocabulary size from ``padded_vocab_size`` or the embedding's shape);
+The model configuration is read from the ``model_architecture`` record in ``slung_state.pt`` (written by
+the trainer and by ``convert_from_hf``; see ``megatron_slung.training.checkpointing``), else, for older
+checkpoints, from ``model_config`` in the ``mp_rank`` files or the trainer's arguments in ``slung_state.pt``
+(Megatron's names: num_layers, hidden_size, ...; the vocabulary size from ``padded_vocab_size`` or the
+embedding's shape);
 the tokenizer from ``tokenizer`` (``{"type", "model"}``) or the ``tokenizer_type``/``tokenizer_model``
 arguments. ``convert_from_hf`` writes both, with ``iteration`` 0, so the trainer's ``--load CKPT
 --finetune`` starts from it. Files load with ``torch.load(weights_only=True)``.

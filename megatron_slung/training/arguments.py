@@ -160,7 +160,10 @@ def _add_loss_args(p: argparse.ArgumentParser) -> None:
 def _add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, help="checkpoint directory")
-    g.add_argument("--load", default=None, help="checkpoint directory (its `latest`) or one checkpoint directory")
+    g.add_argument("--load", default=None,
+                   help="checkpoint directory (its `latest`) or one checkpoint directory; model flags not given "
+                        "are taken from the checkpoint, contradicting ones refused. No checkpoint there is an "
+                        "error unless --load is also --save (a job that resumes itself: starts fresh, warned)")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
