@@ -271,12 +271,13 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
         build_parser_with_prefix.parse_args(tokens)  # errors name the file
     args = parser.parse_args(tokens + argv)
     args.explicit_flags = explicit_flags(tokens + argv)
-    args.load_metadata, args.load_notes = None, []
     if validate:
         if args.load:  # before the model flags are checked: those not given come from the checkpoint
             from megatron_slung.training.checkpointing import resolve_load
 
             args.load_metadata, args.load_notes = resolve_load(args, args.explicit_flags)
+        else:
+            args.load_metadata, args.load_notes = None, []
         validate_args(args, world_size=world_size)
     return args
 

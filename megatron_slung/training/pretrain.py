@@ -418,7 +418,10 @@ def _run(args, device) -> dict:
     from megatron_slung.model.gpt import flops_per_token
 
     t0 = time.time()
-    for line in getattr(args, "load_notes", ()):  # what --load adopted from the checkpoint, or its warning
+    if not hasattr(args, "load_metadata"):  # args not made by parse_args(validate=True): resolve --load here
+        args.load_metadata, args.load_notes = (checkpointing.resolve_load(args, getattr(args, "explicit_flags", ()))
+                                               if args.load else (None, []))
+    for line in args.load_notes:  # what --load adopted from the checkpoint, or its warning
         _print_status(line)
     trainer = setup(args, device)
     engine = trainer.engine
@@ -434,8 +437,8 @@ def _run(args, device) -> dict:
     )
 
     iteration, consumed_train, consumed_valid = 0, 0, 0
-    load_metadata = getattr(args, "load_metadata", None)
-    if args.load and load_metadata is not None:  # None: no checkpoint yet in --load = --save (warned above)
+    load_metadata = args.load_metadata
+    if load_metadata is not None:  # None: no checkpoint yet in --load = --save (warned above)
         state = checkpointing.load_checkpoint(engine, load_metadata.path, load_optimizer=not args.no_load_optim,
                                               load_rng=not args.no_load_rng, finetune=args.finetune,
                                               log=_print_status)
