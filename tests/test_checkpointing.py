@@ -134,3 +134,151 @@ def test_safe_loading_refuses_arbitrary_objects_but_takes_deepspeed_state(tmp_pa
         out = torch.load(good, weights_only=False)
     assert out["zero_stage"] == ZeroStageEnum.optimizer_states and torch.equal(out["t"], torch.ones(2))
     assert torch.load is _original_torch_load  # restored afterwards
+
+
+# --------------------------------------------------------------------------- metadata: architecture and layout
+from megatron_slung.model.gpt import GPTConfig, architecture_fields  # noqa: E402
+from megatron_slung.training.arguments import ArgumentError, parse_args  # noqa: E402
+
+# The run's flags besides the model's (NullTokenizer with 256 tokens, mock data).
+RUN = ["--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "4", "--lr", "1e-3", "--mock-data",
+       "--vocab-size", "256"]
+# A model flag set for every architecture field: (flag value for the run, the checkpoint's different value).
+# A field added to GPTConfig is recorded and checked without any change in checkpointing.py; it needs a row here.
+FIELDS = {
+    "num_layers": ("4", 2), "hidden_size": ("64", 48), "num_attention_heads": ("4", 6),
+    "ffn_hidden_size": ("96", 80), "num_query_groups": ("2", 3), "kv_channels": ("16", 10),
+    "max_position_embeddings": ("64", 96), "rotary_base": ("10000", 500000.0), "norm_epsilon": ("1e-5", 1e-6),
+    "untie_embeddings_and_output_weights": (None, True),  # a switch: its absence cannot contradict
+}
+
+
+def _checkpoint_with(tmp_path, recorded=True, tokenizer_vocab=256, divisor=128, tp=1, **model):
+    values = {name: saved for name, (_flag, saved) in FIELDS.items()}
+    values.update(model)
+    config = GPTConfig(vocab_size=256, **values)
+    state = {"consumed_train_samples": 0}
+    args = {"num_layers": 99}  # what an older checkpoint's arguments would say, to tell them apart
+    if recorded:
+        state["model_architecture"] = ckpt.model_architecture(config, tokenizer_vocab, divisor)
+        state["layout"] = ckpt.layout(tp, 1, 1, 1, False)
+    else:
+        args = {**values, "padded_vocab_size": 256, "make_vocab_size_divisible_by": divisor,
+                "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1}
+    return ckpt.save_checkpoint(FakeEngine(1), str(tmp_path / "ckpt"), 3, state, args)
+
+
+def test_metadata_records_the_architecture_and_layout_without_reading_weights(tmp_path):
+    path = _checkpoint_with(tmp_path)
+    os.remove(os.path.join(path, "model.pt"))  # no weight is needed to read it
+    meta = ckpt.read_checkpoint_metadata(str(tmp_path / "ckpt"))
+    assert meta.path == path and meta.iteration == 3 and meta.recorded
+    arch = meta.architecture
+    assert arch["version"] == ckpt.ARCHITECTURE_VERSION and arch["padded_vocab_size"] == 256
+    assert arch["tokenizer_vocab_size"] == 256 and arch["make_vocab_size_divisible_by"] == 128
+    assert set(arch["model"]) == set(architecture_fields()) - {"vocab_size"}
+    assert arch["model"]["rotary_base"] == 500000.0 and "init_method_std" not in arch["model"]
+    assert meta.layout == {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+                           "data_parallel_size": 1, "world_size": 1, "zero_stage": 1, "sequence_parallel": False}
+    assert ckpt.read_checkpoint_metadata(str(tmp_path / "empty")) is None
+
+
+def test_every_architecture_field_is_covered():
+    assert set(FIELDS) == set(architecture_fields()) - {"vocab_size"}
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "older-checkpoint"])
+def test_model_flags_not_given_are_adopted_from_the_checkpoint(tmp_path, recorded):
+    _checkpoint_with(tmp_path, recorded=recorded)
+    args = parse_args(RUN + ["--load", str(tmp_path / "ckpt"), "--finetune"], world_size=1)
+    for name, (_flag, saved) in FIELDS.items():
+        assert getattr(args, name) == saved, name
+    assert len([n for n in args.load_notes if n.startswith("model settings from the checkpoint")]) == 1
+    assert "--rotary-base 500000.0" in args.load_notes[0] and "--untie-embeddings-and-output-weights" in args.load_notes[0]
+    assert any("older checkpoint" in n for n in args.load_notes) == (not recorded)
+    assert args.load_metadata.path.endswith("iter_0000003")
+
+
+@pytest.mark.parametrize("name", [n for n, (flag, _) in FIELDS.items() if flag is not None])
+def test_a_model_flag_that_contradicts_the_checkpoint_is_refused(tmp_path, name):
+    _checkpoint_with(tmp_path)
+    value = FIELDS[name][0]
+    argv = RUN + ["--load", str(tmp_path / "ckpt"), "--finetune", "--" + name.replace("_", "-"), value]
+    if name == "max_position_embeddings":  # RoPE: a longer (or other) context is a fine-tuning choice
+        assert any(n.startswith("note: --max-position-embeddings 64") for n in parse_args(argv, world_size=1).load_notes)
+        return
+    with pytest.raises(ArgumentError) as e:
+        parse_args(argv, world_size=1)
+    assert f"--{name.replace('_', '-')} {type(FIELDS[name][1])(value)} contradicts the checkpoint" in str(e.value)
+    assert f"whose model has {name} = {FIELDS[name][1]!r}" in str(e.value)
+
+
+def test_a_switch_that_contradicts_the_checkpoint_and_a_config_file_count_as_given(tmp_path):
+    _checkpoint_with(tmp_path, untie_embeddings_and_output_weights=False)
+    with pytest.raises(ArgumentError, match="--untie-embeddings-and-output-weights contradicts the checkpoint"):
+        parse_args(RUN + ["--load", str(tmp_path / "ckpt"), "--untie-embeddings-and-output-weights"], world_size=1)
+    config = tmp_path / "flags.yaml"
+    config.write_text("rotary-base: 10000\n")
+    with pytest.raises(ArgumentError, match="--rotary-base 10000.0 contradicts"):
+        parse_args(RUN + ["--config", str(config), "--load", str(tmp_path / "ckpt")], world_size=1)
+
+
+def test_another_tensor_parallel_layout_is_refused_before_loading(tmp_path):
+    _checkpoint_with(tmp_path, tp=2, num_attention_heads=4, num_query_groups=2)
+    with pytest.raises(ArgumentError, match="was saved at --tensor-model-parallel-size 2, this run has 1"):
+        parse_args(RUN + ["--load", str(tmp_path / "ckpt")], world_size=1)
+
+
+def test_the_padded_vocabulary_is_the_checkpoints_or_refused(tmp_path):
+    _checkpoint_with(tmp_path, tokenizer_vocab=250, divisor=1)  # 256 rows for 250 tokens
+
+    def resolve(vocab, *extra):
+        args = parse_args(RUN + ["--load", str(tmp_path / "ckpt"), *extra], world_size=1)
+        return ckpt.resolve_padded_vocab(args.load_metadata, args, args.explicit_flags, vocab), args
+
+    (rows, note), args = resolve(250)
+    assert rows == 256 and note is None  # pad(250, divisor 128) = 256 as well
+    (rows, note), args = resolve(252)  # two added tokens take padding rows
+    assert rows == 256 and "the tokenizer has 252 tokens, the checkpoint's had 250" in note
+    with pytest.raises(ArgumentError, match="the tokenizer has 257 tokens, more than the checkpoint's 256"):
+        resolve(257)
+    with pytest.raises(ArgumentError, match="the tokenizer has 200 tokens, the checkpoint's model was made for 250"):
+        resolve(200)
+    with pytest.raises(ArgumentError, match="--make-vocab-size-divisible-by 1 pads the tokenizer's 250 tokens to 250 "
+                                            "rows at TP 1, but the checkpoint has 256"):
+        resolve(250, "--make-vocab-size-divisible-by", "1")
+    assert ckpt.resolve_padded_vocab(None, args, frozenset(), 250) == (256, None)  # no checkpoint: Megatron's padding
+
+
+def test_a_built_model_that_is_not_the_checkpoints_is_refused(tmp_path):
+    """The last check, on the GPTConfig about to be built: catches a field no flag sets."""
+    _checkpoint_with(tmp_path)
+    meta = ckpt.read_checkpoint_metadata(str(tmp_path / "ckpt"))
+    values = {name: saved for name, (_flag, saved) in FIELDS.items()}
+    ckpt.check_model_config(meta, GPTConfig(vocab_size=256, **values))
+    with pytest.raises(ArgumentError, match="rotary_base: the checkpoint's 500000.0, this run's 10000.0"):
+        ckpt.check_model_config(meta, GPTConfig(vocab_size=256, **{**values, "rotary_base": 10000.0}))
+    with pytest.raises(ArgumentError, match="padded vocabulary: the checkpoint's 256, this run's 384"):
+        ckpt.check_model_config(meta, GPTConfig(vocab_size=384, **values))
+
+
+# --------------------------------------------------------------------------- --load naming no checkpoint
+def test_load_without_a_checkpoint(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ArgumentError, match=f"--load {empty} holds no checkpoint .*--finetune asks to start from"):
+        parse_args(FIXED + ["--load", str(empty), "--finetune"], world_size=1)
+    with pytest.raises(ArgumentError, match=f"--load {empty} holds no checkpoint .*; give a checkpoint, or .* --save {empty} as well"):
+        parse_args(FIXED + ["--load", str(empty), "--save", str(tmp_path / "other")], world_size=1)
+    with pytest.raises(ArgumentError, match=f"--load {tmp_path / 'missing'} does not exist"):
+        parse_args(FIXED + ["--load", str(tmp_path / "missing")], world_size=1)
+    with pytest.raises(ArgumentError, match="--no-load-optim asks to start from its weights"):  # load == save, but
+        parse_args(FIXED + ["--load", str(empty), "--save", str(empty), "--no-load-optim"], world_size=1)
+    # A job that resumes itself (--load = --save) starts fresh the first time, with a warning.
+    for load in (empty, tmp_path / "not-yet"):
+        args = parse_args(FIXED + ["--load", str(load), "--save", str(load) + "/"], world_size=1)
+        assert args.load_metadata is None and args.load_notes[0].startswith(f"WARNING: --load {load}")
+        assert "starting from scratch" in args.load_notes[0]
+
+
+FIXED = RUN + ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]

@@ -79,3 +79,65 @@ def test_parallel_trainer_checkpoint_exports(tmp_path, flag, expect):
     tag_dir = save / (save / "latest").read_text().strip()
     assert os.path.isfile(tag_dir / expect)
     _export_and_compare(save, tmp_path / "hf")
+
+
+# --------------------------------------------------------------------------- the checkpoint's architecture
+def _import_llama(tmp_path, vocab=256, **config):
+    """A tiny random HF Llama with TINY's shapes (rope_theta 500000, eps 1e-6, tied), imported as a checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    values = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500000.0,
+                  tie_word_embeddings=True)
+    values.update(config)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**values)).save_pretrained(str(tmp_path / "hf_src"))
+    ckpt = tmp_path / "imported"
+    assert convert_from_hf.main(["--load", str(tmp_path / "hf_src"), "--save", str(ckpt)]) == 0
+    return ckpt
+
+
+def _with_vocab(args, vocab):
+    args = list(args)
+    args[args.index("--vocab-size") + 1] = str(vocab)
+    return args
+
+
+def test_finetuning_an_import_adopts_its_rotary_base_and_exports_it(tmp_path):
+    """No --rotary-base on the command line: the imported Llama's 500000 is used (one line says so) and the
+    export says rope_theta 500000 (it trained and exported 10000 before)."""
+    import json
+
+    ckpt = _import_llama(tmp_path)
+    run = run_cli(TINY + ["--train-iters", "2", "--load", ckpt, "--finetune", "--save", tmp_path / "tuned"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    adopted = [line for line in run.stdout.splitlines() if line.startswith("model settings from the checkpoint")]
+    assert len(adopted) == 1, run.stdout
+    assert "--rotary-base 500000.0" in adopted[0] and "--norm-epsilon 1e-06" in adopted[0]
+    assert convert_to_hf.main(["--load", str(tmp_path / "tuned"), "--output", str(tmp_path / "hf_out")]) == 0
+    cfg = json.loads((tmp_path / "hf_out" / "config.json").read_text())
+    assert cfg["rope_theta"] == 500000.0 and cfg["rms_norm_eps"] == 1e-6 and cfg["tie_word_embeddings"] is True
+
+
+def test_a_model_flag_that_contradicts_the_checkpoint_is_refused(tmp_path):
+    ckpt = _import_llama(tmp_path)
+    run = run_cli(TINY + ["--train-iters", "2", "--load", ckpt, "--finetune", "--rotary-base", "10000"])
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "--rotary-base 10000.0 contradicts the checkpoint, whose model has rotary_base = 500000.0" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_an_imported_vocabulary_of_499_is_adopted_or_the_flag_to_set_is_named(tmp_path):
+    """convert_from_hf keeps 499 rows (--make-vocab-size-divisible-by 1); the trainer's default 128 would pad
+    to 512 and DeepSpeed failed with a size dump."""
+    ckpt = _import_llama(tmp_path, vocab=499)
+    args = _with_vocab(TINY, 499) + ["--train-iters", "2", "--load", ckpt, "--finetune"]
+    run = run_cli(args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "vocabulary: the checkpoint's 499 rows (saved with --make-vocab-size-divisible-by 1)" in run.stdout
+    assert "(padded 499)" in run.stdout
+    run = run_cli(args + ["--make-vocab-size-divisible-by", "128"])
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert ("--make-vocab-size-divisible-by 128 pads the tokenizer's 499 tokens to 512 rows at TP 1, but the "
+            "checkpoint has 499" in run.stderr)
+    assert "pass --make-vocab-size-divisible-by 1" in run.stderr and "Traceback" not in run.stderr

@@ -155,6 +155,32 @@ def test_bad_flags_fail_at_start_with_a_clear_message(tmp_path):
     assert help_text.returncode == 0 and "--risk-loss-policy" in help_text.stdout and "--tensor-model-parallel-size" in help_text.stdout
 
 
+# --------------------------------------------------------------------------- --load without a checkpoint
+def test_finetune_from_a_directory_without_a_checkpoint_is_an_error(tmp_path):
+    """It trained random weights after a "starting from scratch" line."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli(TINY + ["--train-iters", "2", "--load", empty, "--finetune"])
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert f"error: --load {empty} holds no checkpoint" in proc.stderr and "--finetune asks to start from its weights" in proc.stderr
+    assert "Traceback" not in proc.stderr and "iter 1/" not in proc.stdout
+
+
+def test_a_job_that_resumes_itself_starts_fresh_loudly_then_resumes(tmp_path):
+    """--load = --save (auto-resume jobs): the first run warns and starts from scratch, the next resumes."""
+    save = tmp_path / "ckpt"
+    args = TINY + ["--train-iters", "2", "--load", save, "--save", save]
+    first = run_cli(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    warning = [line for line in first.stdout.splitlines() if line.startswith("WARNING:")]
+    assert warning == [f"WARNING: --load {save} does not exist (it is also --save): starting from scratch, with "
+                       "random weights"]
+    assert (save / "latest").read_text().strip() == "iter_0000002"
+    second = run_cli(TINY + ["--train-iters", "3", "--load", save, "--save", save])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "WARNING:" not in second.stdout and "at iteration 2" in second.stdout
+
+
 # --------------------------------------------------------------------------- real data
 def test_trains_on_a_dataset_made_by_the_tools(tmp_path):
     """synthetic corpus -> tokenizer -> risk tags -> preprocessing -> pretrain with the masked policy."""

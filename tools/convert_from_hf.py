@@ -5,10 +5,12 @@
         --tensor-model-parallel-size T --pipeline-model-parallel-size P
 
 Then continue pretraining it with the selective loss (the SLUNG setup): pass ``--load CKPT --finetune``
-to ``python -m megatron_slung.pretrain`` with the same model flags, the same TP/PP, and
-``--tokenizer-type HuggingFaceTokenizer --tokenizer-model CKPT/tokenizer``. The weights are
+to ``python -m megatron_slung.pretrain`` with the same TP/PP and ``--tokenizer-type HuggingFaceTokenizer
+--tokenizer-model CKPT/tokenizer``. The checkpoint records the model's architecture (rotary base, norm
+epsilon, heads, groups, sizes, tied or not, padded vocabulary, the tokenizer's vocabulary size), so the
+trainer takes the model flags you leave out from it and refuses those that contradict it. The weights are
 written in DeepSpeed's layout for the chosen TP/PP (no optimizer state: the run starts at iteration 0).
-The vocabulary is padded with zero rows to a multiple of --make-vocab-size-divisible-by and of T.
+The vocabulary is padded with zero rows to a multiple of --make-vocab-size-divisible-by x T (Megatron's rule).
 Name mapping: megatron_slung/model/hf_llama.py.
 """
 
@@ -44,18 +46,21 @@ def main(argv=None) -> int:
         hf_checkpoint.check_tag(args.ckpt_tag)
         full, config = hf_checkpoint.load_hf_directory(args.load, args.make_vocab_size_divisible_by, tp)
         with tempfile.TemporaryDirectory(prefix="slung-tokenizer-") as tmp:
-            tokenizer_dir = None
+            tokenizer_dir, tokenizer_vocab_size = None, None
             names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
             if not any(os.path.isfile(os.path.join(args.load, n)) for n in names):
                 print(f"[convert_from_hf] {args.load} has no tokenizer files; none copied", file=sys.stderr)
             elif not args.no_tokenizer:
                 try:
-                    AutoTokenizer.from_pretrained(args.load, local_files_only=True).save_pretrained(tmp)
-                    tokenizer_dir = tmp
+                    tok = AutoTokenizer.from_pretrained(args.load, local_files_only=True)
+                    tok.save_pretrained(tmp)
+                    tokenizer_dir, tokenizer_vocab_size = tmp, len(tok)  # the trainer's HuggingFaceTokenizer size
                 except (OSError, ValueError) as e:
                     print(f"[convert_from_hf] warning: no tokenizer copied ({e})", file=sys.stderr)
             hf_checkpoint.write_checkpoint(args.save, full, config, tp, pp, tag=args.ckpt_tag,
-                                           tokenizer_dir=tokenizer_dir, overwrite=args.overwrite)
+                                           tokenizer_dir=tokenizer_dir, overwrite=args.overwrite,
+                                           tokenizer_vocab_size=tokenizer_vocab_size,
+                                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     except (hf_checkpoint.CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

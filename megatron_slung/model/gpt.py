@@ -183,6 +183,19 @@ class GPTConfig:
         return cls(**values)
 
 
+# GPTConfig fields that are settings of a training run, not properties of the model: a checkpoint may be
+# resumed or fine-tuned with other values. Every other field defines the model (what it computes, or the
+# shapes of its weights): checkpoints record it, and loading one adopts or refuses it
+# (megatron_slung.training.checkpointing). A new field is therefore checked unless it is listed here.
+RUN_SETTINGS = frozenset({"init_method_std", "init_seed", "hidden_dropout", "attention_dropout",
+                          "sequence_parallel", "recompute_activations", "params_dtype"})
+
+
+def architecture_fields() -> List[str]:
+    """The GPTConfig fields that define the model, in declaration order (``vocab_size`` is the padded size)."""
+    return [f.name for f in fields(GPTConfig) if f.name not in RUN_SETTINGS]
+
+
 def _parse_dtype(name: str) -> torch.dtype:
     key = name.replace("torch.", "")
     key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}.get(key, key)

@@ -14,9 +14,11 @@ Checkpoint layout (DeepSpeed's, so the trainer loads what ``convert_from_hf`` wr
 
     CKPT/TAG/slung_state.pt, args.json                  the trainer's own state: iteration, arguments (JSON)
 
-The model configuration is read from ``model_config`` in the ``mp_rank`` files (written by
-``convert_from_hf``) or else from the trainer's arguments in ``slung_state.pt`` (Megatron's names:
-num_layers, hidden_size, ...; the vocabulary size from ``padded_vocab_size`` or the embedding's shape);
+The model configuration is read from the ``model_architecture`` record in ``slung_state.pt`` (written by
+the trainer and by ``convert_from_hf``; see ``megatron_slung.training.checkpointing``), else, for older
+checkpoints, from ``model_config`` in the ``mp_rank`` files or the trainer's arguments in ``slung_state.pt``
+(Megatron's names: num_layers, hidden_size, ...; the vocabulary size from ``padded_vocab_size`` or the
+embedding's shape);
 the tokenizer from ``tokenizer`` (``{"type", "model"}``) or the ``tokenizer_type``/``tokenizer_model``
 arguments. ``convert_from_hf`` writes both, with ``iteration`` 0, so the trainer's ``--load CKPT
 --finetune`` starts from it. Files load with ``torch.load(weights_only=True)``.
@@ -35,7 +37,12 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megatron_slung.model import hf_llama
-from megatron_slung.model.gpt import GPTConfig, merge_tensor_parallel_state_dicts, split_state_dict_for_tensor_parallel
+from megatron_slung.model.gpt import (
+    GPTConfig,
+    merge_tensor_parallel_state_dicts,
+    pad_vocab_size,
+    split_state_dict_for_tensor_parallel,
+)
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -103,22 +110,32 @@ _ARG_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
 TRAIN_STATE_FILE = "slung_state.pt"  # the trainer's own state (megatron_slung.training.checkpointing)
 
 
+def _read_train_state(tag_dir: str) -> dict:
+    path = os.path.join(tag_dir, TRAIN_STATE_FILE)
+    return _load(path) if os.path.isfile(path) else {}
+
+
 def read_train_args(tag_dir: str) -> dict:
     """The trainer's arguments stored beside DeepSpeed's files (``slung_state.pt``: ``args_json``), or {}."""
-    path = os.path.join(tag_dir, TRAIN_STATE_FILE)
-    if not os.path.isfile(path):
-        return {}
-    state = _load(path)
+    state = _read_train_state(tag_dir)
     try:
         return json.loads(state.get("args_json") or "{}")
     except (TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: 'args_json' is not JSON: {e}") from None
+        raise CheckpointError(f"{os.path.join(tag_dir, TRAIN_STATE_FILE)}: 'args_json' is not JSON: {e}") from None
 
 
 def config_values(meta: dict, args: dict, where: str) -> dict:
-    """GPTConfig fields from ``model_config`` (our converters) or the trainer's arguments.
+    """GPTConfig fields from the ``model_architecture`` record of ``slung_state.pt`` (every field that
+    defines the model; run settings such as init_method_std from the arguments), else ``model_config``
+    (older converters) or the trainer's arguments (older checkpoints).
 
     ``vocab_size`` may be missing (it is then read off the embedding's shape)."""
+    arch = meta.get("model_architecture")
+    if isinstance(arch, dict):
+        values = {k: args[k] for k in _ARG_FIELDS if args and args.get(k) is not None}
+        values.update(arch["model"])
+        values["vocab_size"] = int(arch["padded_vocab_size"])
+        return values
     cfg = meta.get("model_config")
     if isinstance(cfg, dict):
         return dict(cfg)
@@ -139,6 +156,9 @@ def read_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[StateDict, GP
     args = read_train_args(tag_dir)
     if args:
         meta["args"] = args
+    arch = _read_train_state(tag_dir).get("model_architecture")
+    if arch is not None:  # what defines the model, the tokenizer's vocabulary size (trainer and converter)
+        meta["model_architecture"] = arch
     values = config_values(meta, args, tag_dir)
     num_layers = int(values["num_layers"])
     untied = bool(values.get("untie_embeddings_and_output_weights", False))
@@ -211,12 +231,20 @@ def _commit_dir(tmp: str, final: str) -> None:
 
 def write_checkpoint(path: str, full: StateDict, config: GPTConfig, tensor_parallel: int = 1,
                      pipeline_parallel: int = 1, tag: str = "release", tokenizer: Optional[dict] = None,
-                     tokenizer_dir: Optional[str] = None, overwrite: bool = False) -> str:
+                     tokenizer_dir: Optional[str] = None, overwrite: bool = False,
+                     tokenizer_vocab_size: Optional[int] = None,
+                     make_vocab_size_divisible_by: Optional[int] = None) -> str:
     """Write a TP=1 state dict as a checkpoint split for ``tensor_parallel`` x ``pipeline_parallel``.
 
     ``tokenizer_dir`` (optional) is copied to ``CKPT/tokenizer`` and recorded as the checkpoint's
     tokenizer (``HuggingFaceTokenizer``). The whole directory appears at once (written beside, renamed).
+    ``slung_state.pt`` records the model architecture and layout as the trainer's checkpoints do
+    (``training.checkpointing.model_architecture``), with the tokenizer's vocabulary size and the
+    ``--make-vocab-size-divisible-by`` the rows were padded with when known, so that the trainer's
+    ``--load CKPT`` adopts them.
     """
+    from megatron_slung.training import checkpointing
+
     config.validate_parallel(tensor_parallel, pipeline_parallel)
     tmp = _atomic_dir(path, overwrite)
     try:
@@ -245,8 +273,14 @@ def write_checkpoint(path: str, full: StateDict, config: GPTConfig, tensor_paral
                 torch.save({"module": None, **meta}, _mp_file(tag_dir, r))
         # The trainer's own files, so that `--load CKPT --finetune` accepts the checkpoint.
         args = train_args(config, tensor_parallel, pipeline_parallel, tokenizer or {})
-        torch.save({"format_version": 1, "iteration": 0, "consumed_train_samples": 0, "args_json": json.dumps(args)},
-                   os.path.join(tag_dir, TRAIN_STATE_FILE))
+        if make_vocab_size_divisible_by is not None:
+            args["make_vocab_size_divisible_by"] = int(make_vocab_size_divisible_by)
+        state = {"format_version": checkpointing.FORMAT_VERSION, "iteration": 0, "consumed_train_samples": 0,
+                 "args_json": json.dumps(args),
+                 "model_architecture": checkpointing.model_architecture(config, tokenizer_vocab_size,
+                                                                        make_vocab_size_divisible_by),
+                 "layout": checkpointing.layout(tensor_parallel, pipeline_parallel, 1, 0, False)}
+        torch.save(state, os.path.join(tag_dir, TRAIN_STATE_FILE))
         with open(os.path.join(tag_dir, "args.json"), "w", encoding="utf-8") as f:
             json.dump(args, f, indent=1, sort_keys=True)
         with open(os.path.join(tmp, "latest"), "w", encoding="utf-8") as f:
@@ -336,8 +370,8 @@ def save_hf_directory(out_dir: str, full: StateDict, config: GPTConfig, tokenize
 def load_hf_directory(path: str, vocab_divisible_by: int = 1, tensor_parallel: int = 1) -> Tuple[StateDict, GPTConfig]:
     """A local HF Llama directory -> (TP=1 GPTModel state dict, GPTConfig), fp32.
 
-    The vocabulary is padded (new rows zero) to a multiple of ``vocab_divisible_by`` and of
-    ``tensor_parallel`` so that it splits across TP ranks.
+    The vocabulary is padded (new rows zero) to a multiple of ``vocab_divisible_by`` x ``tensor_parallel``
+    (Megatron's rule, the trainer's) so that it splits across TP ranks.
     """
     from safetensors.torch import load_file
 
@@ -360,8 +394,8 @@ def load_hf_directory(path: str, vocab_divisible_by: int = 1, tensor_parallel: i
         full = hf_llama.from_hf_state_dict(hf_sd, config)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    step = _lcm(max(vocab_divisible_by, 1), max(tensor_parallel, 1))
-    padded = -(-config.vocab_size // step) * step
+    # Megatron's rule, as the trainer pads: a multiple of divisible_by x TP (so the same flags give the same rows)
+    padded = pad_vocab_size(config.vocab_size, max(tensor_parallel, 1), max(vocab_divisible_by, 1))
     if padded != config.vocab_size:
         for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             if name in full:
@@ -369,12 +403,6 @@ def load_hf_directory(path: str, vocab_divisible_by: int = 1, tensor_parallel: i
                 full[name] = torch.cat([w, w.new_zeros(padded - w.size(0), w.size(1))])
         config = GPTConfig.from_dict({**config.to_dict(), "vocab_size": padded})
     return full, config
-
-
-def _lcm(a: int, b: int) -> int:
-    import math
-
-    return a * b // math.gcd(a, b)
 
 
 # --------------------------------------------------------------------------- evaluations

@@ -160,7 +160,10 @@ def _add_loss_args(p: argparse.ArgumentParser) -> None:
 def _add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, help="checkpoint directory")
-    g.add_argument("--load", default=None, help="checkpoint directory (its `latest`) or one checkpoint directory")
+    g.add_argument("--load", default=None,
+                   help="checkpoint directory (its `latest`) or one checkpoint directory; model flags not given "
+                        "are taken from the checkpoint, contradicting ones refused. No checkpoint there is an "
+                        "error unless --load is also --save (a job that resumes itself: starts fresh, warned)")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
@@ -267,9 +270,24 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
         build_parser_with_prefix.error_prefix = f"{source}: "
         build_parser_with_prefix.parse_args(tokens)  # errors name the file
     args = parser.parse_args(tokens + argv)
+    args.explicit_flags = explicit_flags(tokens + argv)
     if validate:
+        if args.load:  # before the model flags are checked: those not given come from the checkpoint
+            from megatron_slung.training.checkpointing import resolve_load
+
+            args.load_metadata, args.load_notes = resolve_load(args, args.explicit_flags)
+        else:
+            args.load_metadata, args.load_notes = None, []
         validate_args(args, world_size=world_size)
     return args
+
+
+def explicit_flags(tokens: Sequence[str]) -> frozenset:
+    """The destinations the user set (on the command line or in the config file), as opposed to defaults."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS  # absent flags then leave no attribute
+    return frozenset(vars(probe.parse_args(list(tokens))))
 
 
 # --------------------------------------------------------------------------- validation
@@ -478,10 +496,16 @@ def _check_split(split: str) -> None:
         _fail(f"--split {split!r}: expected up to three non-negative proportions like 969,30,1")
 
 
+# Attributes parse_args adds for this process only (not settings of the run): not saved.
+NOT_SAVED = frozenset({"explicit_flags", "load_metadata", "load_notes"})
+
+
 def args_to_dict(args: argparse.Namespace) -> dict:
     """The namespace as plain JSON-able values (saved with checkpoints and logged)."""
     out = {}
     for key, value in sorted(vars(args).items()):
+        if key in NOT_SAVED:
+            continue
         if value is None or isinstance(value, (bool, int, float, str)):
             out[key] = value
         elif isinstance(value, dict):

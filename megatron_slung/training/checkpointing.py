@@ -5,7 +5,8 @@ Layout of ``--save DIR``:
     DIR/latest                          the tag of the newest complete checkpoint (one line)
     DIR/iter_0000100/                   one checkpoint: DeepSpeed's files (mp_rank_XX_model_states.pt,
                                         ZeRO shards, pipeline layer_XX files) and ours:
-        slung_state.pt                  iteration, consumed samples, LR-schedule step count, arguments (JSON)
+        slung_state.pt                  iteration, consumed samples, LR-schedule step count, arguments (JSON),
+                                        the model architecture and the parallel layout (see below)
         rng_state_rank00003.pt          python / numpy / torch / CUDA and model-parallel tracker RNG states
         args.json                       the arguments, for people
     DIR/.tmp-iter_0000100/              a save in progress (never loaded; removed by the next save)
@@ -17,6 +18,13 @@ leaves ``latest`` naming a complete checkpoint: before the first rename nothing 
 two renames the new directory exists but ``latest`` still names the previous one. If ``TAG`` already exists
 (the same iteration saved twice) and ``latest`` names it, the new one gets ``TAG_1`` (``_2``...) instead, so
 the checkpoint ``latest`` names is never touched. Needs a file system all ranks share (as Megatron does).
+
+Metadata. ``slung_state.pt`` holds ``model_architecture`` (versioned: every GPTConfig field that defines the
+model, the padded vocabulary size, the tokenizer's vocabulary size and ``--make-vocab-size-divisible-by``) and
+``layout`` (TP, PP, DP, world size, ZeRO stage, sequence parallel). ``read_checkpoint_metadata(path)`` reads
+them without touching a weight (older checkpoints: from their saved arguments). Before anything is built,
+``resolve_load(args)`` compares the run's flags with them: a model flag not given is adopted from the
+checkpoint (one line says which), a flag that contradicts it is refused naming both values.
 
 Loading never unpickles arbitrary objects. Our files are read with ``torch.load(weights_only=True)``.
 DeepSpeed reads its own files with ``torch.load(weights_only=False)`` (``TorchCheckpointEngine.load`` and a
@@ -33,7 +41,8 @@ import json
 import os
 import random
 import shutil
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,6 +53,7 @@ ARGS_FILE = "args.json"
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
+ARCHITECTURE_VERSION = 1
 
 
 def checkpoint_tag(iteration: int) -> str:
@@ -287,6 +297,249 @@ def load_train_state(checkpoint_dir: str) -> dict:
     return state
 
 
+# --------------------------------------------------------------------------- metadata: architecture and layout
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size", "world_size",
+               "zero_stage", "sequence_parallel")
+
+# Flags by which a user says the run starts from the weights of --load: no checkpoint there is then an error.
+WANTS_WEIGHTS = ("finetune", "no_load_optim", "no_load_rng")
+
+# Architecture fields an explicit flag may change on load: with RoPE no weight depends on the longest position,
+# so a longer context is a fine-tuning choice (only the model's recorded limit changes).
+CHANGEABLE_ON_LOAD = frozenset({"max_position_embeddings"})
+
+
+def model_architecture(config, tokenizer_vocab_size: Optional[int],
+                       make_vocab_size_divisible_by: Optional[int]) -> dict:
+    """What defines the model, for ``slung_state.pt``: every GPTConfig field outside ``gpt.RUN_SETTINGS``
+    (so a field added to GPTConfig is recorded without a change here) and the vocabulary."""
+    from megatron_slung.model.gpt import architecture_fields
+
+    values = config.to_dict()
+    return {
+        "version": ARCHITECTURE_VERSION,
+        "model": {name: values[name] for name in architecture_fields() if name != "vocab_size"},
+        "padded_vocab_size": int(config.vocab_size),
+        "tokenizer_vocab_size": None if tokenizer_vocab_size is None else int(tokenizer_vocab_size),
+        "make_vocab_size_divisible_by": None if make_vocab_size_divisible_by is None else int(make_vocab_size_divisible_by),
+    }
+
+
+def layout(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, data_parallel_size: int,
+           zero_stage: int, sequence_parallel: bool) -> dict:
+    """The parallel layout a checkpoint is saved at (keys: ``LAYOUT_KEYS``, the trainer's argument names)."""
+    tp, pp, dp = int(tensor_model_parallel_size), int(pipeline_model_parallel_size), int(data_parallel_size)
+    return {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": dp,
+            "world_size": tp * pp * dp, "zero_stage": int(zero_stage), "sequence_parallel": bool(sequence_parallel)}
+
+
+@dataclass
+class CheckpointMetadata:
+    """What a checkpoint says about itself, read without touching a weight."""
+
+    path: str  # the checkpoint directory (SAVE/TAG)
+    iteration: int
+    architecture: dict  # model_architecture(); for an older checkpoint rebuilt from its saved arguments
+    layout: dict  # layout(); idem
+    args: dict  # the arguments of the run (or the converter) that saved it
+    recorded: bool  # False: an older checkpoint without these records
+
+    def model(self) -> dict:
+        """The architecture fields the checkpoint's model has. A field it does not name did not exist when it
+        was written: it has that field's default (the behaviour before the field existed)."""
+        from dataclasses import MISSING, fields
+
+        from megatron_slung.model.gpt import GPTConfig, architecture_fields
+
+        saved = self.architecture.get("model", {})
+        defaults = {f.name: f.default for f in fields(GPTConfig)}
+        out = {}
+        for name in architecture_fields():
+            if name == "vocab_size":
+                continue
+            if name in saved:
+                out[name] = saved[name]
+            elif defaults[name] is not MISSING and defaults[name] is not None:
+                out[name] = defaults[name]
+        return out
+
+
+def _architecture_from_args(args: dict) -> dict:
+    """An older checkpoint's architecture, from the arguments it saved (Megatron names = GPTConfig fields)."""
+    from megatron_slung.model.gpt import architecture_fields
+
+    tokenizer_vocab = args.get("vocab_size") if args.get("tokenizer_type") == "NullTokenizer" else None
+    return {"version": ARCHITECTURE_VERSION,
+            "model": {k: args[k] for k in architecture_fields() if k != "vocab_size" and args.get(k) is not None},
+            "padded_vocab_size": args.get("padded_vocab_size"), "tokenizer_vocab_size": tokenizer_vocab,
+            "make_vocab_size_divisible_by": args.get("make_vocab_size_divisible_by")}
+
+
+def read_checkpoint_metadata(path: str) -> Optional[CheckpointMetadata]:
+    """The metadata of the checkpoint ``path`` names (a save directory's ``latest``, or one checkpoint
+    directory); None when there is none. Reads ``slung_state.pt`` only."""
+    found = find_checkpoint(path)
+    if found is None:
+        return None
+    ckpt = os.path.join(*found)
+    state = load_train_state(ckpt)
+    args = state["args"]
+    arch, lay = state.get("model_architecture"), state.get("layout")
+    recorded = arch is not None
+    if arch is None:
+        arch = _architecture_from_args(args)
+    elif arch.get("version") != ARCHITECTURE_VERSION:
+        raise RuntimeError(f"{os.path.join(ckpt, STATE_FILE)}: model architecture version {arch.get('version')!r}, "
+                           f"this version of megatron-slung reads {ARCHITECTURE_VERSION}")
+    if lay is None:
+        lay = {k: args.get(k) for k in LAYOUT_KEYS}
+    return CheckpointMetadata(ckpt, int(state["iteration"]), arch, lay, args, recorded)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flag_text(name: str, value) -> str:
+    if isinstance(value, bool):
+        return _flag(name) if value else f"no {_flag(name)}"
+    return f"{_flag(name)} {value}"
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return bool(a) == bool(b)
+    return a == b
+
+
+def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str]]:
+    """Before anything is built: the checkpoint ``args.load`` names, with its model settings adopted for
+    flags not given (``explicit``: the flags the user set) and refused where a flag contradicts them.
+
+    Returns (metadata or None, lines to print). No checkpoint is an error, except for a run whose ``--load``
+    is its ``--save`` (a job that resumes itself: it starts fresh, with a warning) and that does not ask for
+    weights (``WANTS_WEIGHTS``). Changes ``args`` in place; ``resolve_padded_vocab`` does the vocabulary once
+    the tokenizer exists, ``check_model_config`` the model config built from ``args``."""
+    from megatron_slung.training.arguments import ArgumentError
+
+    load, notes = args.load, []
+    try:
+        meta = read_checkpoint_metadata(load) if os.path.isdir(load) else None
+    except Exception as e:  # `latest` naming a partial checkpoint, an unreadable or foreign slung_state.pt
+        raise ArgumentError(f"--load {load}: {e}") from None
+    if meta is None:
+        if not os.path.exists(load):
+            what = "does not exist"
+        elif not os.path.isdir(load):
+            what = "is not a directory"
+        else:
+            what = f"holds no checkpoint (no {LATEST_FILE} file, no {STATE_FILE})"
+        wants = [_flag(n) for n in WANTS_WEIGHTS if getattr(args, n, False)]
+        if wants:
+            raise ArgumentError(f"--load {load} {what}, but {' '.join(wants)} asks to start from its weights")
+        if args.save is not None and os.path.realpath(args.save) == os.path.realpath(load):
+            notes.append(f"WARNING: --load {load} {what} (it is also --save): starting from scratch, "
+                         "with random weights")
+            return None, notes
+        raise ArgumentError(f"--load {load} {what}; give a checkpoint, or to start a run that resumes itself later "
+                            f"give --save {load} as well")
+
+    where = f"--load {meta.path}"
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        saved = meta.layout.get(key)
+        if saved is not None and int(saved) != getattr(args, key):
+            raise ArgumentError(f"{where} was saved at {_flag(key)} {saved}, this run has {getattr(args, key)}; "
+                                f"loading at another tensor/pipeline layout is not supported: use {_flag(key)} "
+                                f"{saved} (or re-split it: tools/convert_to_hf.py, then tools/convert_from_hf.py)")
+
+    from megatron_slung.model.gpt import architecture_fields
+
+    unknown = sorted(set(meta.architecture.get("model", {})) - set(architecture_fields()))
+    if unknown:
+        raise ArgumentError(f"{where}: the checkpoint's model has settings this version does not know: {unknown}")
+    adopted, refused = [], []
+    for name, saved in meta.model().items():
+        if not hasattr(args, name):  # no flag sets it: check_model_config compares the built model
+            continue
+        ours = getattr(args, name)
+        if _same(ours, saved):
+            continue
+        if name not in explicit:
+            setattr(args, name, saved)
+            adopted.append(_flag_text(name, saved))
+        elif name in CHANGEABLE_ON_LOAD:
+            notes.append(f"note: {_flag_text(name, ours)} (the checkpoint's model has {saved})")
+        else:
+            refused.append(f"{_flag_text(name, ours)} contradicts the checkpoint, whose model has {name} = {saved!r}")
+    if refused:
+        raise ArgumentError(f"{where}: " + "; ".join(refused) + " (leave a model flag out to use the checkpoint's value)")
+    if adopted:
+        notes.append(f"model settings from the checkpoint {meta.path} (flags not given): " + ", ".join(adopted))
+    if not meta.recorded:
+        notes.append(f"note: {meta.path} is an older checkpoint without a model-architecture record; "
+                     "its saved arguments were compared instead")
+    return meta, notes
+
+
+def resolve_padded_vocab(meta: Optional[CheckpointMetadata], args, explicit,
+                         tokenizer_vocab_size: int) -> Tuple[int, Optional[str]]:
+    """The padded vocabulary size of the model to build, and a line to print (or None).
+
+    Without a checkpoint: Megatron's padding of the tokenizer's size. With one: the checkpoint's row count,
+    which an explicit ``--make-vocab-size-divisible-by`` must reproduce; a tokenizer larger than the rows, or
+    smaller than the checkpoint's tokenizer, is refused (it is another tokenizer)."""
+    from megatron_slung.model.gpt import pad_vocab_size
+    from megatron_slung.training.arguments import ArgumentError
+
+    tp, divisor = args.tensor_model_parallel_size, args.make_vocab_size_divisible_by
+    ours = pad_vocab_size(tokenizer_vocab_size, tp, divisor)
+    if meta is None or meta.architecture.get("padded_vocab_size") is None:
+        return ours, None
+    arch, where, tok = meta.architecture, f"--load {meta.path}", tokenizer_vocab_size
+    rows, saved_tok, saved_div = int(arch["padded_vocab_size"]), arch.get("tokenizer_vocab_size"), arch.get(
+        "make_vocab_size_divisible_by")
+    if tok > rows:
+        raise ArgumentError(f"{where}: the tokenizer has {tok} tokens, more than the checkpoint's {rows} vocabulary "
+                            "rows (another --tokenizer-model or --vocab-size?)")
+    if saved_tok is not None and tok < saved_tok:
+        raise ArgumentError(f"{where}: the tokenizer has {tok} tokens, the checkpoint's model was made for "
+                            f"{saved_tok} (another --tokenizer-model or --vocab-size?)")
+    lines = []
+    if saved_tok is not None and tok > saved_tok:
+        lines.append(f"note: the tokenizer has {tok} tokens, the checkpoint's had {saved_tok}: the new tokens use "
+                     "padding rows of its vocabulary")
+    if ours != rows:
+        saved_with = f" (saved with --make-vocab-size-divisible-by {saved_div})" if saved_div else ""
+        if "make_vocab_size_divisible_by" in explicit:
+            fix = f"pass --make-vocab-size-divisible-by {saved_div}, or " if saved_div else ""
+            raise ArgumentError(f"{where}: --make-vocab-size-divisible-by {divisor} pads the tokenizer's {tok} tokens "
+                                f"to {ours} rows at TP {tp}, but the checkpoint has {rows}{saved_with}; {fix}leave "
+                                "the flag out to use the checkpoint's vocabulary")
+        lines.append(f"vocabulary: the checkpoint's {rows} rows{saved_with} for the tokenizer's {tok} tokens "
+                     f"(--make-vocab-size-divisible-by {divisor} would pad to {ours})")
+        if saved_div:
+            args.make_vocab_size_divisible_by = int(saved_div)
+    return rows, "; ".join(lines) or None
+
+
+def check_model_config(meta: Optional[CheckpointMetadata], config) -> None:
+    """The model about to be built is the checkpoint's, field by field (catches a field no flag sets, or a
+    flag ``gpt_config_from_args`` does not pass on)."""
+    if meta is None:
+        return
+    from megatron_slung.training.arguments import ArgumentError
+
+    built = config.to_dict()
+    diffs = [f"{name}: the checkpoint's {saved!r}, this run's {built[name]!r}" for name, saved in meta.model().items()
+             if name not in CHANGEABLE_ON_LOAD and not _same(built[name], saved)]
+    rows = meta.architecture.get("padded_vocab_size")
+    if rows is not None and built["vocab_size"] != rows:
+        diffs.append(f"padded vocabulary: the checkpoint's {rows}, this run's {built['vocab_size']}")
+    if diffs:
+        raise ArgumentError(f"--load {meta.path}: the model this run would build is not the checkpoint's: "
+                            + "; ".join(diffs))
+
+
 def load_checkpoint(engine, load: str, *, load_optimizer: bool = True, load_rng: bool = True,
                     finetune: bool = False, log=print) -> Optional[dict]:
     """Load the checkpoint ``load`` names into ``engine``; return our train state (None: no checkpoint).
@@ -295,7 +548,7 @@ def load_checkpoint(engine, load: str, *, load_optimizer: bool = True, load_rng:
     """
     found = find_checkpoint(load)
     if found is None:
-        log(f"no checkpoint found in {load} (no {LATEST_FILE} file): starting from scratch")
+        log(f"WARNING: no checkpoint found in {load} (no {LATEST_FILE} file): starting from scratch")
         return None
     load_dir, tag = found
     path = os.path.join(load_dir, tag)

@@ -143,7 +143,7 @@ def _num_parameters_note(config) -> str:
 def setup(args, device: torch.device) -> Trainer:
     import deepspeed
 
-    from megatron_slung.model.gpt import GPTModel, compile_transformer_layers, pad_vocab_size
+    from megatron_slung.model.gpt import GPTModel, compile_transformer_layers
     from megatron_slung.parallel import state
     from megatron_slung.parallel.random import model_parallel_manual_seed
 
@@ -163,10 +163,15 @@ def setup(args, device: torch.device) -> Trainer:
     model_parallel_manual_seed(seed)
 
     tokenizer = build_tokenizer_for_args(args)
-    padded_vocab = pad_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size,
-                                  args.make_vocab_size_divisible_by)
+    # With --load the vocabulary is the checkpoint's (its row count), and the config must be its model.
+    load_metadata = getattr(args, "load_metadata", None)
+    padded_vocab, note = checkpointing.resolve_padded_vocab(load_metadata, args, getattr(args, "explicit_flags", ()),
+                                                            tokenizer.vocab_size)
+    if note:
+        _print_status(note)
     args.padded_vocab_size = padded_vocab
     config = gpt_config_from_args(args, padded_vocab)
+    checkpointing.check_model_config(load_metadata, config)
     policy = LossPolicy.parse(args.risk_loss_policy)
     pipeline = args.pipeline_model_parallel_size > 1
     loss_kwargs = dict(label_smoothing=args.label_smoothing, z_loss=args.z_loss)
@@ -380,9 +385,14 @@ def _print_status(text: str) -> None:
 
 
 def _train_state(trainer: Trainer, iteration: int, consumed_train: int, consumed_valid: int) -> dict:
+    args = trainer.args
     return {"iteration": iteration, "consumed_train_samples": consumed_train,
             "consumed_valid_samples": consumed_valid, "scheduler": trainer.scheduler.state_dict(),
-            "world_size": dist.get_world_size(), "padded_vocab_size": trainer.args.padded_vocab_size}
+            "world_size": dist.get_world_size(), "padded_vocab_size": args.padded_vocab_size,
+            "model_architecture": checkpointing.model_architecture(trainer.config, trainer.tokenizer.vocab_size,
+                                                                   args.make_vocab_size_divisible_by),
+            "layout": checkpointing.layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                           args.data_parallel_size, args.zero_stage, args.sequence_parallel)}
 
 
 def pretrain(argv: Optional[List[str]] = None) -> dict:
@@ -408,6 +418,11 @@ def _run(args, device) -> dict:
     from megatron_slung.model.gpt import flops_per_token
 
     t0 = time.time()
+    if not hasattr(args, "load_metadata"):  # args not made by parse_args(validate=True): resolve --load here
+        args.load_metadata, args.load_notes = (checkpointing.resolve_load(args, getattr(args, "explicit_flags", ()))
+                                               if args.load else (None, []))
+    for line in args.load_notes:  # what --load adopted from the checkpoint, or its warning
+        _print_status(line)
     trainer = setup(args, device)
     engine = trainer.engine
     rank = dist.get_rank()
@@ -422,8 +437,9 @@ def _run(args, device) -> dict:
     )
 
     iteration, consumed_train, consumed_valid = 0, 0, 0
-    if args.load:
-        state = checkpointing.load_checkpoint(engine, args.load, load_optimizer=not args.no_load_optim,
+    load_metadata = args.load_metadata
+    if load_metadata is not None:  # None: no checkpoint yet in --load = --save (warned above)
+        state = checkpointing.load_checkpoint(engine, load_metadata.path, load_optimizer=not args.no_load_optim,
                                               load_rng=not args.no_load_rng, finetune=args.finetune,
                                               log=_print_status)
         if state is not None and not args.finetune:
