@@ -18,7 +18,9 @@ The model configuration is read from ``model_config`` in the ``mp_rank`` files (
 ``convert_from_hf``) or else from the trainer's arguments in ``slung_state.pt`` (Megatron's names:
 num_layers, hidden_size, ...; the vocabulary size from ``padded_vocab_size`` or the embedding's shape);
 the tokenizer from ``tokenizer`` (``{"type", "model"}``) or the ``tokenizer_type``/``tokenizer_model``
-arguments. ``convert_from_hf`` writes both, with ``iteration`` 0, so the trainer's ``--load CKPT
+arguments. How many vocabulary rows are real tokens (an export keeps only those, `export_vocab_size`):
+``unpadded_vocab_size`` in the ``mp_rank`` files (written by ``convert_from_hf``), else ``vocab_size`` of
+a NullTokenizer run, else the tokenizer's size. ``convert_from_hf`` writes both, with ``iteration`` 0, so the trainer's ``--load CKPT
 --finetune`` starts from it. Files load with ``torch.load(weights_only=True)``.
 """
 
@@ -35,7 +37,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megatron_slung.model import hf_llama
-from megatron_slung.model.gpt import GPTConfig, merge_tensor_parallel_state_dicts, split_state_dict_for_tensor_parallel
+from megatron_slung.model.gpt import (GPTConfig, merge_tensor_parallel_state_dicts,
+                                      split_state_dict_for_tensor_parallel, tensor_parallel_layout)
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -228,6 +231,9 @@ def write_checkpoint(path: str, full: StateDict, config: GPTConfig, tensor_paral
     once (written beside, renamed).
     """
     config.validate_parallel(tensor_parallel, pipeline_parallel)
+    unexpected = set(full) - set(tensor_parallel_layout(config))
+    if unexpected:  # the TP split would leave them out silently
+        raise ValueError(f"tensors the model has no place for: {sorted(unexpected)[:6]}")
     if unpadded_vocab_size is not None and not 0 < unpadded_vocab_size <= config.vocab_size:
         raise ValueError(f"unpadded vocabulary size {unpadded_vocab_size} is not in 1..{config.vocab_size} "
                          "(the padded vocabulary)")
