@@ -9,6 +9,10 @@ Both functions work on the TP=1 state dict; for a TP>1 checkpoint merge the shar
 (``gpt.merge_tensor_parallel_state_dicts``) and split after importing
 (``gpt.split_state_dict_for_tensor_parallel``). A tied model has no ``lm_head.weight`` in its
 export (``tie_word_embeddings: true``); Hugging Face ties it on load.
+
+Nothing is converted silently into a different model: both directions use every tensor they are given
+or raise naming the leftovers, shapes are checked against the config, and `config_from_hf` accepts a
+``config.json`` field only when it is used, is metadata, or has the one value this model computes.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ _SIZE_FIELDS = {"num_hidden_layers", "hidden_size", "intermediate_size", "num_at
                 "initializer_range", "tie_word_embeddings", "attention_dropout", "rope_theta", "rope_parameters",
                 "rope_scaling"}
 # transformers' generic fields: names, token ids, output switches and generation defaults (older versions
-# saved those in config.json). None of them changes the function the model computes.
+# saved those in config.json). None of them changes the function the model computes (pretraining_tp > 1
+# only splits HF's matmuls into slices).
 _METADATA_FIELDS = {
     "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_bfloat16",
     "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
@@ -71,7 +76,6 @@ _METADATA_FIELDS = {
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
 }
-# pretraining_tp > 1 only splits HF's matmuls into slices: the same function.
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 # What is known about the refused model types, so the message says why.
 _REFUSED_TYPES = {
