@@ -363,11 +363,11 @@ def export_vocab_size(meta: dict, rows: int, tokenizer_size: Optional[int] = Non
                       vocab_size: Optional[int] = None, where: str = "checkpoint") -> int:
     """How many of the ``rows`` (padded) vocabulary rows are real tokens: what an export keeps.
 
-    From, in order: ``vocab_size`` (the user's ``--vocab-size``), the checkpoint's record
+    From, in order: ``vocab_size`` (the user's ``--vocab-size``); the checkpoint's record
     (``unpadded_vocab_size`` in the mp_rank files, written by ``convert_from_hf``, or in the trainer's
-    arguments; else ``vocab_size`` of a NullTokenizer run), the
-    tokenizer's size (``tokenizer_size``: what the trainer padded). With none of these it refuses rather
-    than guess: the padding rows would otherwise be sampled as ids that decode to nothing."""
+    arguments; else ``vocab_size`` of a NullTokenizer run); the tokenizer's size (``tokenizer_size``: what
+    the trainer padded, checked against the run's padding). With none of these it refuses rather than
+    guess: the padding rows would otherwise be sampled as ids that decode to nothing."""
     args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     recorded = meta.get("unpadded_vocab_size", args.get("unpadded_vocab_size"))
     source = "the checkpoint's unpadded_vocab_size"
