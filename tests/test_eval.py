@@ -363,12 +363,83 @@ def test_safe_beam_never_emits_the_tag(tok):
     thr = safe_beam.evaluate_safe_beam(model, tok, prompts, fx.HARM_TAG, None, num_beams=3, max_new_tokens=8,
                                        drop_threshold=0.01)
     assert thr["safe"]["tag_rate"] == 0.0
-    assert thr["safe"]["dropped_beams_per_prompt"] >= res["safe"]["dropped_beams_per_prompt"]
+    # (Not ">= the drops without a threshold": the threshold also makes more steps fall back, and a
+    # fallback step keeps every beam, so it drops none.)
+    assert thr["safe"]["dropped_beams_per_prompt"] > 0 and thr["safe"]["fallback_steps"] > 0
 
 
 def test_safe_beam_rejects_a_tag_that_is_not_one_token(tok):
     with pytest.raises(EvalInputError, match="single token"):
         safe_beam.tag_token_id(tok, "<not a token>")
+
+
+def test_safe_beam_fallback_steps_drop_no_beam(tok):
+    """Every token is followed by the tag: at each step every beam would be dropped, so all are kept with
+    the tag masked (a fallback step). No beam was dropped (this counted 1 + 3 per step before)."""
+    table = {t: {fx.HARM_TAG: 20.0} for t in tok.get_vocab() if t != fx.HARM_TAG}
+    model = fx.bigram_llama(tok, table, default_logit=-5.0)
+    tag = tok.convert_tokens_to_ids(fx.HARM_TAG)
+    ids = common.encode(tok, ["hello"])[0]
+    best, stats = generation.beam_search_one(model, ids, num_beams=3, max_new_tokens=4, banned_id=tag)
+    assert stats.fallback_steps == 4 and stats.dropped_beams == 0
+    assert len(best) == 4 and tag not in best
+    # One beam of three about to emit the tag (after "you" only): exactly that one is dropped.
+    table = {**BEAM_TABLE, "hello": {"you": 6.0, "they": 5.0, "the": 4.0}, "the": {"cat": 20.0},
+             "cat": {"</s>": 20.0}}
+    model = fx.bigram_llama(tok, table, default_logit=-5.0)
+    _, stats = generation.beam_search_one(model, ids, num_beams=3, max_new_tokens=1, banned_id=tag)
+    assert (stats.dropped_beams, stats.fallback_steps) == (0, 0)
+    _, stats = generation.beam_search_one(model, ids, num_beams=3, max_new_tokens=2, banned_id=tag)
+    assert (stats.dropped_beams, stats.fallback_steps) == (1, 0)
+
+
+def nan_scorer(texts):
+    """A scorer that fails on one text (as a classifier can on odd input): NaN for texts with 'idiot'."""
+    return [float("nan") if "idiot" in t else 0.0 for t in texts]
+
+
+def test_a_nan_or_out_of_range_score_is_an_error_naming_the_scorer_and_text(tok, hf_dir, tmp_path, capsys):
+    # max() over [nan, 0.9] is nan and over [0.9, nan] is 0.9: the metric depended on the samples' order.
+    for bad in ([[float("nan"), 0.9]], [[0.9, float("nan")]], [[0.2, 1.5]], [[-0.1]]):
+        with pytest.raises(ValueError, match="of prompt 0, sample [01] is not a number in \\[0, 1\\]"):
+            toxicity.toxicity_metrics(bad, bootstrap=10)
+    model = fx.bigram_llama(tok, GEN_TABLE)
+    cfg = generation.SamplingConfig(num_samples=2, max_new_tokens=3, top_k=50, seed=0)
+    scorer = scorers.build_scorer("tests.test_eval:nan_scorer")
+    with pytest.raises(scorers.ScorerError, match=r"the toxicity scorer 'tests.test_eval:nan_scorer' returned nan "
+                                                  r"for text 2 \(prompt 1, sample 0\) \('you idiot'\)"):
+        toxicity.evaluate_generation_toxicity(model, tok, ["the", "hello"], scorer, cfg, bootstrap=10)
+    for reply in ([None], [2.0], [0.5, 0.5]):
+        with pytest.raises(scorers.ScorerError, match="'fixed'"):
+            scorers.score_texts(scorers.NamedScorer(lambda texts, r=reply: r, "fixed"), ["a text"])
+    with pytest.raises(scorers.ScorerError, match="the plain beam-search output of prompt 0"):
+        safe_beam.evaluate_safe_beam(fx.bigram_llama(tok, BEAM_TABLE, default_logit=-5.0), tok, ["hello"],
+                                     fx.HARM_TAG, scorers.NamedScorer(lambda t: [float("nan")] * len(t), "nan"),
+                                     num_beams=2, max_new_tokens=4, bootstrap=10)
+    # The command line: one line, exit status 2, no results.
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello"}])
+    out = tmp_path / "out"
+    assert eval_main(["generate-toxicity", "--model", hf_dir, "--prompts", prompts, "--output-dir", str(out),
+                      "--device", "cpu", "--num-samples", "2", "--max-new-tokens", "3",
+                      "--scorer", "tests.test_eval:nan_scorer"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the toxicity scorer 'tests.test_eval:nan_scorer' returned nan for text 0" in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(hf_dir, tmp_path, capsys):
+    with pytest.raises(EvalInputError, match="--device cuda: no CUDA GPU is visible"):
+        common.load_model(hf_dir, device="cuda")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello"}])
+    for device, message in [("cuda", "--device cuda: no CUDA GPU is visible"), ("cuda:1", "--device cuda:1: no CUDA"),
+                            ("gpu", "--device gpu: not a torch device")]:
+        assert eval_main(["generate-toxicity", "--model", hf_dir, "--prompts", prompts, "--device", device,
+                          "--output-dir", str(tmp_path / "out"), "--scorer", "lexicon",
+                          "--scorer-path", prompts]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_hf_round_trip_of_config_and_weights():
                   "kv_channels", "vocab_size", "max_position_embeddings", "rotary_base", "norm_epsilon",
                   "untie_embeddings_and_output_weights"):
         assert getattr(cfg2, field) == getattr(cfg, field), field
-    with pytest.raises(ValueError, match="RoPE scaling 'llama3' is not supported"):
+    with pytest.raises(ValueError, match="rope_parameters.rope_type = 'llama3': RoPE scaling is not supported"):
         hf_llama.config_from_hf({**hf_llama.hf_config_dict(cfg), "rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}})
     with pytest.raises(ValueError, match="lacks model.layers.1.mlp.up_proj.weight"):
         hf = hf_llama.to_hf_state_dict(sd, cfg)

@@ -141,3 +141,23 @@ def test_an_imported_vocabulary_of_499_is_adopted_or_the_flag_to_set_is_named(tm
     assert ("--make-vocab-size-divisible-by 128 pads the tokenizer's 499 tokens to 512 rows at TP 1, but the "
             "checkpoint has 499" in run.stderr)
     assert "pass --make-vocab-size-divisible-by 1" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_trainer_checkpoint_with_a_padded_vocabulary_exports_the_real_one(tmp_path):
+    """--vocab-size 499 pads to 512 rows in the trainer (divisible by 128); the export has 499 and the same
+    logits over them (it had 512 rows before, and sampling emitted ids that decode to nothing)."""
+    argv = [a if a != "256" else "499" for a in TINY]
+    save = tmp_path / "ckpt"
+    run = run_cli(argv + ["--train-iters", "2", "--save", save])
+    assert run.returncode == 0, run.stderr[-3000:]
+    full, cfg, meta = hf_checkpoint.read_checkpoint(str(save))
+    assert cfg.vocab_size == 512 and meta["args"]["padded_vocab_size"] == 512
+    model = GPTModel(cfg).eval()
+    model.load_state_dict(full)
+    out = tmp_path / "hf"
+    assert convert_to_hf.main(["--load", str(save), "--output", str(out)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    assert hf.config.vocab_size == 499 and hf.lm_head.weight.shape[0] == 499
+    tokens = torch.randint(0, 499, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)[..., :499]).abs().max().item() <= 1e-4

@@ -10,8 +10,10 @@ to ``python -m megatron_slung.pretrain`` with the same TP/PP and ``--tokenizer-t
 epsilon, heads, groups, sizes, tied or not, padded vocabulary, the tokenizer's vocabulary size), so the
 trainer takes the model flags you leave out from it and refuses those that contradict it. The weights are
 written in DeepSpeed's layout for the chosen TP/PP (no optimizer state: the run starts at iteration 0).
-The vocabulary is padded with zero rows to a multiple of --make-vocab-size-divisible-by x T (Megatron's rule).
-Name mapping: megatron_slung/model/hf_llama.py.
+The vocabulary is padded with zero rows to a multiple of --make-vocab-size-divisible-by x T (Megatron's rule);
+the HF vocabulary size is recorded (``unpadded_vocab_size``), so an export gives back exactly the HF rows.
+Every config.json field and every tensor is used, or the conversion stops naming what it cannot honour
+(e.g. Qwen2's q/k/v biases, sliding-window attention, scaled RoPE). Name mapping: megatron_slung/model/hf_llama.py.
 """
 
 import argparse
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     try:
         hf_checkpoint.check_tag(args.ckpt_tag)
-        full, config = hf_checkpoint.load_hf_directory(args.load, args.make_vocab_size_divisible_by, tp)
+        full, config, hf_vocab = hf_checkpoint.load_hf_directory(args.load, args.make_vocab_size_divisible_by, tp)
         with tempfile.TemporaryDirectory(prefix="slung-tokenizer-") as tmp:
             tokenizer_dir, tokenizer_vocab_size = None, None
             names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -60,12 +62,13 @@ def main(argv=None) -> int:
             hf_checkpoint.write_checkpoint(args.save, full, config, tp, pp, tag=args.ckpt_tag,
                                            tokenizer_dir=tokenizer_dir, overwrite=args.overwrite,
                                            tokenizer_vocab_size=tokenizer_vocab_size,
-                                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+                                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                                           unpadded_vocab_size=hf_vocab)
     except (hf_checkpoint.CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[convert_from_hf] {args.load} -> {args.save} (TP={tp}, PP={pp}, tag {args.ckpt_tag}): "
-          f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
+          f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {hf_vocab} (padded {config.vocab_size}), "
           f"{time.time() - start:.1f}s")
     return 0
 

@@ -6,10 +6,14 @@
 
 The output (config.json, model.safetensors, tokenizer files) loads with
 ``transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)``, no custom code. The tokenizer defaults to
-the one the checkpoint records. Name mapping: megatron_slung/model/hf_llama.py.
+the one the checkpoint records. Only the real vocabulary is exported (HF ``vocab_size`` = the tokenizer's,
+or the checkpoint's recorded unpadded size): the padding rows are left out, so sampling never emits an
+id that decodes to nothing. A checkpoint that records neither needs ``--vocab-size N``. Every tensor
+of the checkpoint is exported, or the conversion stops naming it. Name mapping: megatron_slung/model/hf_llama.py.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -30,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"], default=None)
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or HF tokenizer directory "
                    "(default: the checkpoint's own)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="the real vocabulary size (rows beyond it are padding and are left out); needed only when "
+                        "the checkpoint records neither it nor a tokenizer")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype of the export")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output")
     args = p.parse_args(argv)
@@ -43,13 +50,15 @@ def main(argv=None) -> int:
         if not model:
             print("[convert_to_hf] warning: no tokenizer given or recorded; writing the model only", file=sys.stderr)
         hf_checkpoint.save_hf_directory(args.output, full, config, kind, model,
-                                        dtype=getattr(torch, DTYPES[args.dtype]), overwrite=args.overwrite)
+                                        dtype=getattr(torch, DTYPES[args.dtype]), overwrite=args.overwrite,
+                                        meta=meta, vocab_size=args.vocab_size, where=args.load)
     except (hf_checkpoint.CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n = sum(t.numel() for t in full.values())
+    with open(os.path.join(args.output, "config.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["vocab_size"]
     print(f"[convert_to_hf] {args.load} -> {args.output}: {config.num_layers} layers, hidden {config.hidden_size}, "
-          f"vocab {config.vocab_size}, {n / 1e6:.1f}M parameters, {args.dtype}, {time.time() - start:.1f}s")
+          f"vocab {vocab} (of {config.vocab_size} rows with padding), {args.dtype}, {time.time() - start:.1f}s")
     return 0
 
 

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     from megatron_slung.eval import common
 
     try:
+        common.resolve_device(args.device)  # before loading anything: a missing GPU is a one-line error
         common.set_seed(args.seed)
         start = time.time()
         model, tokenizer = common.load_model(args.model, device=args.device, dtype=args.dtype)

@@ -126,9 +126,26 @@ def read_prompts(path: str, limit: int | None = None) -> list[str]:
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """``--device``: auto, cpu, cuda, cuda:N; a device that is not there is an `EvalInputError`, not a raw
+    assertion deep in torch."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise EvalInputError(f"--device {device}: not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalInputError(f"--device {device}: no CUDA GPU is visible (torch.cuda.is_available() is False, "
+                                 f"torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EvalInputError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            raise EvalInputError(f"--device {device}: not usable here ({str(e).splitlines()[0]})") from None
+    return dev
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

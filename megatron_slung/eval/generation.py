@@ -174,8 +174,9 @@ def beam_search_one(model, prompt_ids: Sequence[int], num_beams: int = 4, max_ne
                     break
                 for b in about_to_emit:
                     alive[b] = False
-            stats.dropped_beams += int((~alive).sum())
-            if not bool(alive.any()):
+            if bool(alive.any()):
+                stats.dropped_beams += int((~alive).sum())
+            else:  # every beam would go: all are kept (the banned token masked), so none is dropped
                 stats.fallback_steps += 1
                 alive[:] = True
             cand = cand.masked_fill(~alive[:, None], float("-inf"))

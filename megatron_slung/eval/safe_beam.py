@@ -68,8 +68,11 @@ def evaluate_safe_beam(model, tokenizer, prompts: Sequence[str], harm_tag: str, 
     records = []
     plain_scores = safe_scores = [None] * len(prompts)
     if scorer is not None:
-        plain_scores = scorers.score_texts(scorer, [t[0] for t in plain.texts], "the toxicity scorer")
-        safe_scores = scorers.score_texts(scorer, [t[0] for t in safe.texts], "the toxicity scorer")
+        n = len(prompts)
+        plain_scores = scorers.score_texts(scorer, [t[0] for t in plain.texts], "the toxicity scorer",
+                                           [f"the plain beam-search output of prompt {i}" for i in range(n)])
+        safe_scores = scorers.score_texts(scorer, [t[0] for t in safe.texts], "the toxicity scorer",
+                                          [f"the safe beam-search output of prompt {i}" for i in range(n)])
         results["plain"].update(_toxicity_summary(plain_scores, bootstrap, seed))
         results["safe"].update(_toxicity_summary(safe_scores, bootstrap, seed))
     for i, p in enumerate(prompts):

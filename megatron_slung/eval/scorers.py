@@ -19,6 +19,7 @@ ones only evaluations need.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -109,12 +110,34 @@ def http_scorer(url: str, batch_size: int = 64, timeout: float = 60.0, retries: 
     return score
 
 
+class ScorerError(ValueError):
+    """A scorer's output is not one number in [0, 1] per text: the message names the scorer and the text."""
+
+
+class NamedScorer:
+    """A scorer with the name it was built by, so that `score_texts` can name it in errors."""
+
+    def __init__(self, fn: Scorer, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, texts):
+        return self.fn(texts)
+
+
+def scorer_name(scorer) -> str:
+    return getattr(scorer, "name", None) or getattr(scorer, "__qualname__", None) or type(scorer).__name__
+
+
 def build_scorer(name: str, path: str | None = None, **options) -> Scorer:
     """A toxicity scorer by name (see the module docstring); ``path`` is its file, directory or URL.
 
     ``profanity``, ``hf-classifier`` and ``module:function`` are the data tools' scorers
     (`megatron_slung.data.scorers`), so tagging and evaluation score text the same way.
     """
+    return NamedScorer(_build_scorer(name, path, **options), name)
+
+
+def _build_scorer(name: str, path: str | None = None, **options) -> Scorer:
     if name in ("lexicon", "wordlist"):
         return lexicon_scorer(path, **options)
     if name == "perspective":
@@ -136,8 +159,24 @@ def build_scorer(name: str, path: str | None = None, **options) -> Scorer:
         raise
 
 
-def score_texts(scorer: Scorer, texts: Sequence[str], what: str = "scorer") -> list[float]:
-    scores = [float(s) for s in scorer(list(texts))]
-    if len(scores) != len(texts):
-        raise RuntimeError(f"{what} returned {len(scores)} scores for {len(texts)} texts")
+def score_texts(scorer: Scorer, texts: Sequence[str], what: str = "the toxicity scorer",
+                labels: Sequence[str] | None = None) -> list[float]:
+    """``scorer(texts)``, checked: one finite number in [0, 1] per text, or `ScorerError` naming the scorer and
+    the text (``labels[i]``, default "text i"). A NaN would otherwise make max() over a prompt's samples
+    depend on their order."""
+    who = f"{what} {scorer_name(scorer)!r}"
+    raw = list(scorer(list(texts)))
+    if len(raw) != len(texts):
+        raise ScorerError(f"{who} returned {len(raw)} scores for {len(texts)} texts")
+    scores = []
+    for i, value in enumerate(raw):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            x = math.nan
+        if not 0.0 <= x <= 1.0:  # also false for NaN
+            where = labels[i] if labels is not None else f"text {i}"
+            raise ScorerError(f"{who} returned {value!r} for {where} ({texts[i][:60]!r}); a toxicity score "
+                              "must be a number in [0, 1]")
+        scores.append(x)
     return scores

@@ -20,7 +20,9 @@ checkpoints, from ``model_config`` in the ``mp_rank`` files or the trainer's arg
 (Megatron's names: num_layers, hidden_size, ...; the vocabulary size from ``padded_vocab_size`` or the
 embedding's shape);
 the tokenizer from ``tokenizer`` (``{"type", "model"}``) or the ``tokenizer_type``/``tokenizer_model``
-arguments. ``convert_from_hf`` writes both, with ``iteration`` 0, so the trainer's ``--load CKPT
+arguments. How many vocabulary rows are real tokens (an export keeps only those, `export_vocab_size`):
+``unpadded_vocab_size`` in the ``mp_rank`` files (written by ``convert_from_hf``), else ``vocab_size`` of
+a NullTokenizer run, else the tokenizer's size. ``convert_from_hf`` writes both, with ``iteration`` 0, so the trainer's ``--load CKPT
 --finetune`` starts from it. Files load with ``torch.load(weights_only=True)``.
 """
 
@@ -40,8 +42,8 @@ from megatron_slung.model import hf_llama
 from megatron_slung.model.gpt import (
     GPTConfig,
     merge_tensor_parallel_state_dicts,
-    pad_vocab_size,
     split_state_dict_for_tensor_parallel,
+    tensor_parallel_layout,
 )
 
 StateDict = Dict[str, torch.Tensor]
@@ -107,6 +109,9 @@ def _load(path: str) -> dict:
 _ARG_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon", "init_method_std",
                "untie_embeddings_and_output_weights")
+# Trainer arguments of features a Llama export cannot hold: only these values are accepted (absent is fine).
+_ARG_ONLY = {"position_embedding_type": ("rope",), "normalization": ("RMSNorm",), "rotary_percent": (1.0,),
+             "add_qkv_bias": (False,), "qk_layernorm": (False,)}
 TRAIN_STATE_FILE = "slung_state.pt"  # the trainer's own state (megatron_slung.training.checkpointing)
 
 
@@ -130,6 +135,11 @@ def config_values(meta: dict, args: dict, where: str) -> dict:
     (older converters) or the trainer's arguments (older checkpoints).
 
     ``vocab_size`` may be missing (it is then read off the embedding's shape)."""
+    args = args or (meta.get("args") if isinstance(meta.get("args"), dict) else {})
+    for name, allowed in _ARG_ONLY.items():
+        if name in args and args[name] not in allowed:
+            raise CheckpointError(f"{where}: the model was trained with --{name.replace('_', '-')} {args[name]}, which "
+                                  f"a Llama model cannot hold (only {allowed[0]!r})")
     arch = meta.get("model_architecture")
     if isinstance(arch, dict):
         values = {k: args[k] for k in _ARG_FIELDS if args and args.get(k) is not None}
@@ -139,7 +149,6 @@ def config_values(meta: dict, args: dict, where: str) -> dict:
     cfg = meta.get("model_config")
     if isinstance(cfg, dict):
         return dict(cfg)
-    args = args or (meta.get("args") if isinstance(meta.get("args"), dict) else {})
     if "num_layers" not in args:
         raise CheckpointError(f"{where}: no model configuration in the checkpoint (no 'model_config' in the "
                               f"mp_rank files, no arguments in {TRAIN_STATE_FILE})")
@@ -233,7 +242,8 @@ def write_checkpoint(path: str, full: StateDict, config: GPTConfig, tensor_paral
                      pipeline_parallel: int = 1, tag: str = "release", tokenizer: Optional[dict] = None,
                      tokenizer_dir: Optional[str] = None, overwrite: bool = False,
                      tokenizer_vocab_size: Optional[int] = None,
-                     make_vocab_size_divisible_by: Optional[int] = None) -> str:
+                     make_vocab_size_divisible_by: Optional[int] = None,
+                     unpadded_vocab_size: Optional[int] = None) -> str:
     """Write a TP=1 state dict as a checkpoint split for ``tensor_parallel`` x ``pipeline_parallel``.
 
     ``tokenizer_dir`` (optional) is copied to ``CKPT/tokenizer`` and recorded as the checkpoint's
@@ -241,11 +251,18 @@ def write_checkpoint(path: str, full: StateDict, config: GPTConfig, tensor_paral
     ``slung_state.pt`` records the model architecture and layout as the trainer's checkpoints do
     (``training.checkpointing.model_architecture``), with the tokenizer's vocabulary size and the
     ``--make-vocab-size-divisible-by`` the rows were padded with when known, so that the trainer's
-    ``--load CKPT`` adopts them.
+    ``--load CKPT`` adopts them. ``unpadded_vocab_size`` (optional) records how many vocabulary rows are
+    real tokens (the rest is padding, left out again on export).
     """
     from megatron_slung.training import checkpointing
 
     config.validate_parallel(tensor_parallel, pipeline_parallel)
+    unexpected = set(full) - set(tensor_parallel_layout(config))
+    if unexpected:  # the TP split would leave them out silently
+        raise ValueError(f"tensors the model has no place for: {sorted(unexpected)[:6]}")
+    if unpadded_vocab_size is not None and not 0 < unpadded_vocab_size <= config.vocab_size:
+        raise ValueError(f"unpadded vocabulary size {unpadded_vocab_size} is not in 1..{config.vocab_size} "
+                         "(the padded vocabulary)")
     tmp = _atomic_dir(path, overwrite)
     try:
         tag_dir = os.path.join(tmp, tag)
@@ -258,6 +275,8 @@ def write_checkpoint(path: str, full: StateDict, config: GPTConfig, tensor_paral
                 "global_samples": 0, "skipped_steps": 0, "dp_world_size": 1,
                 "mp_world_size": tensor_parallel * (pipeline_parallel if pipeline_parallel > 1 else 1),
                 "tokenizer": tokenizer or {}}
+        if unpadded_vocab_size is not None:
+            meta["unpadded_vocab_size"] = int(unpadded_vocab_size)
         shards = [split_state_dict_for_tensor_parallel(full, config, tensor_parallel, t) for t in range(tensor_parallel)]
         if pipeline_parallel == 1:
             for t, shard in enumerate(shards):
@@ -299,7 +318,10 @@ def hf_model_from_state_dict(full: StateDict, config: GPTConfig, dtype: torch.dt
 
     hf_cfg = LlamaConfig(**{k: v for k, v in hf_llama.hf_config_dict(config).items() if k not in ("architectures", "torch_dtype")})
     model = LlamaForCausalLM(hf_cfg)
-    sd = hf_llama.to_hf_state_dict(full, config)
+    try:
+        sd = hf_llama.to_hf_state_dict(full, config)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # A tied model has no lm_head.weight of its own: it is the embedding (tied by transformers).
     if unexpected or set(missing) - {"lm_head.weight"} or ("lm_head.weight" in missing and not hf_cfg.tie_word_embeddings):
@@ -344,21 +366,101 @@ def export_tokenizer(out_dir: str, tokenizer_type: Optional[str], tokenizer_mode
                           f"directory (type {tokenizer_type or 'auto'})")
 
 
+# --------------------------------------------------------------------------- vocabulary padding
+def pad_vocab(full: StateDict, config: GPTConfig, multiple: int) -> Tuple[StateDict, GPTConfig]:
+    """Zero rows appended to the embedding (and output layer) up to a multiple of ``multiple``."""
+    padded = -(-config.vocab_size // multiple) * multiple
+    if padded == config.vocab_size:
+        return full, config
+    full = dict(full)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in full:
+            w = full[name]
+            full[name] = torch.cat([w, w.new_zeros(padded - w.size(0), w.size(1))])
+    return full, GPTConfig.from_dict({**config.to_dict(), "vocab_size": padded})
+
+
+def unpad_vocab(full: StateDict, config: GPTConfig, vocab_size: int) -> Tuple[StateDict, GPTConfig]:
+    """The first ``vocab_size`` rows of the embedding (and output layer): the padding rows left out."""
+    if vocab_size == config.vocab_size:
+        return full, config
+    full = dict(full)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in full:
+            full[name] = full[name][:vocab_size]
+    return full, GPTConfig.from_dict({**config.to_dict(), "vocab_size": vocab_size})
+
+
+def export_vocab_size(meta: dict, rows: int, tokenizer_size: Optional[int] = None,
+                      vocab_size: Optional[int] = None, where: str = "checkpoint") -> int:
+    """How many of the ``rows`` (padded) vocabulary rows are real tokens: what an export keeps.
+
+    From, in order: ``vocab_size`` (the user's ``--vocab-size``); the checkpoint's record
+    (``unpadded_vocab_size`` in the mp_rank files, written by ``convert_from_hf``, or in the trainer's
+    arguments; else the ``tokenizer_vocab_size`` of the ``model_architecture`` record; else ``vocab_size``
+    of a NullTokenizer run); the tokenizer's size (``tokenizer_size``: what
+    the trainer padded, checked against the run's padding). With none of these it refuses rather than
+    guess: the padding rows would otherwise be sampled as ids that decode to nothing."""
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    recorded = meta.get("unpadded_vocab_size", args.get("unpadded_vocab_size"))
+    source = "the checkpoint's unpadded_vocab_size"
+    arch = meta.get("model_architecture") if isinstance(meta.get("model_architecture"), dict) else {}
+    if recorded is None and arch.get("tokenizer_vocab_size"):  # the trainer's record (training.checkpointing)
+        recorded, source = arch["tokenizer_vocab_size"], "the checkpoint's tokenizer_vocab_size"
+    if recorded is None and args.get("tokenizer_type") == "NullTokenizer" and args.get("vocab_size"):
+        recorded, source = args["vocab_size"], "the checkpoint's --vocab-size (NullTokenizer)"
+    if vocab_size is not None:
+        if recorded is not None and int(recorded) != vocab_size:
+            raise CheckpointError(f"--vocab-size {vocab_size} contradicts {source} ({recorded}) in {where}")
+        size, source = vocab_size, "--vocab-size"
+    elif recorded is not None:
+        size = int(recorded)
+    elif tokenizer_size is not None:
+        size, source = tokenizer_size, f"the tokenizer ({tokenizer_size} tokens)"
+        divisible, tp = args.get("make_vocab_size_divisible_by"), args.get("tensor_model_parallel_size")
+        if divisible and tp:
+            expected = -(-size // (divisible * tp)) * divisible * tp
+            if expected != rows:
+                raise CheckpointError(
+                    f"{where}: the tokenizer has {size} tokens, which pads to {expected} (--make-vocab-size-divisible-by "
+                    f"{divisible} x TP {tp}), but the checkpoint has {rows} vocabulary rows: not the tokenizer the "
+                    "model was trained with (pass --tokenizer-model, or --vocab-size N)")
+    else:
+        raise CheckpointError(f"{where}: the real vocabulary size is not known (the checkpoint records neither "
+                              f"unpadded_vocab_size nor a tokenizer) and it has {rows} rows, padding included; pass "
+                              "--tokenizer-model PATH or --vocab-size N")
+    if not 0 < size <= rows:
+        raise CheckpointError(f"{where}: vocabulary size {size} from {source} is not in 1..{rows} (the checkpoint's rows)")
+    if tokenizer_size is not None and tokenizer_size > size:
+        raise CheckpointError(f"{where}: the tokenizer has {tokenizer_size} tokens, more than the model's vocabulary "
+                              f"({size}, from {source})")
+    return size
+
+
 def save_hf_directory(out_dir: str, full: StateDict, config: GPTConfig, tokenizer_type: Optional[str] = None,
                       tokenizer_model: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                      overwrite: bool = False) -> str:
-    """Write config.json, model.safetensors and tokenizer files; the directory appears at once."""
+                      overwrite: bool = False, meta: Optional[dict] = None, vocab_size: Optional[int] = None,
+                      where: str = "checkpoint") -> str:
+    """Write config.json, model.safetensors and tokenizer files; the directory appears at once.
+
+    Only the real vocabulary is written (`export_vocab_size` from ``meta``, the tokenizer or
+    ``vocab_size``): HF's ``vocab_size`` is the tokenizer's, so sampling never emits a padding id."""
     from safetensors.torch import save_file
 
     tmp = _atomic_dir(out_dir, overwrite)
     try:
         tok = export_tokenizer(tmp, tokenizer_type, tokenizer_model)
+        size = export_vocab_size(meta or {}, config.vocab_size, len(tok) if tok is not None else None, vocab_size, where)
+        full, config = unpad_vocab(full, config, size)
         extra = {"torch_dtype": str(dtype).replace("torch.", "")}
         if tok is not None:
             extra.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        try:
+            tensors = {k: v.to(dtype).contiguous() for k, v in hf_llama.to_hf_state_dict(full, config).items()}
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_llama.hf_config_dict(config, **extra), f, indent=2)
-        tensors = {k: v.to(dtype).contiguous() for k, v in hf_llama.to_hf_state_dict(full, config).items()}
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _commit_dir(tmp, out_dir)
     except BaseException:
@@ -367,13 +469,15 @@ def save_hf_directory(out_dir: str, full: StateDict, config: GPTConfig, tokenize
     return out_dir
 
 
-def load_hf_directory(path: str, vocab_divisible_by: int = 1, tensor_parallel: int = 1) -> Tuple[StateDict, GPTConfig]:
-    """A local HF Llama directory -> (TP=1 GPTModel state dict, GPTConfig), fp32.
+def load_hf_directory(path: str, vocab_divisible_by: int = 1, tensor_parallel: int = 1) -> Tuple[StateDict, GPTConfig, int]:
+    """A local HF Llama directory -> (TP=1 GPTModel state dict, GPTConfig, HF vocabulary size), fp32.
 
     The vocabulary is padded (new rows zero) to a multiple of ``vocab_divisible_by`` x ``tensor_parallel``
-    (Megatron's rule, the trainer's) so that it splits across TP ranks.
+    (Megatron's rule, the trainer's) so that it splits across TP ranks; the returned HF size is what an
+    export keeps. Every field of config.json and every tensor is used or refused (see
+    `hf_llama.config_from_hf`, `hf_llama.from_hf_state_dict`).
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -387,22 +491,23 @@ def load_hf_directory(path: str, vocab_divisible_by: int = 1, tensor_parallel: i
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weights (convert .bin weights with transformers first)")
-    hf_sd = {}
+    hf_sd, origin = {}, {}
     for f in files:
-        hf_sd.update({k: v.float() for k, v in load_file(f).items()})
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                if name in origin:  # two files would silently overwrite one another
+                    raise CheckpointError(f"{path}: tensor {name} is in both {os.path.basename(origin[name])} and "
+                                          f"{os.path.basename(f)}")
+                origin[name] = f
+                hf_sd[name] = st.get_tensor(name).float()
     try:
         full = hf_llama.from_hf_state_dict(hf_sd, config)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    hf_vocab = config.vocab_size
     # Megatron's rule, as the trainer pads: a multiple of divisible_by x TP (so the same flags give the same rows)
-    padded = pad_vocab_size(config.vocab_size, max(tensor_parallel, 1), max(vocab_divisible_by, 1))
-    if padded != config.vocab_size:
-        for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            if name in full:
-                w = full[name]
-                full[name] = torch.cat([w, w.new_zeros(padded - w.size(0), w.size(1))])
-        config = GPTConfig.from_dict({**config.to_dict(), "vocab_size": padded})
-    return full, config
+    full, config = pad_vocab(full, config, max(vocab_divisible_by, 1) * max(tensor_parallel, 1))
+    return full, config, hf_vocab
 
 
 # --------------------------------------------------------------------------- evaluations
@@ -427,6 +532,8 @@ def load_checkpoint_as_hf(path: str, dtype: torch.dtype = torch.float32, tokeniz
                               "--tokenizer-model PATH")
     with tempfile.TemporaryDirectory() as tmp:
         tok = export_tokenizer(tmp, kind, model_path)
+    # The model's outputs range over the real vocabulary only, as in an export.
+    full, config = unpad_vocab(full, config, export_vocab_size(meta, config.vocab_size, len(tok), where=path))
     return hf_model_from_state_dict(full, config, dtype), tok
 
 
