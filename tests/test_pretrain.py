@@ -211,3 +211,78 @@ def test_torch_compile_trains_like_eager(tmp_path):
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5), x["iteration"]
+
+
+# --------------------------------------------------------------------------- NaN gradient, finite loss
+def _grad_nan_body(rank, world_size, argv, skip):
+    """Make one parameter's gradient NaN on rank 0 only, at iteration 3 (the loss stays finite); report, per
+    iteration, whether the step was skipped and whether the weights the optimizer holds (the fp32 master
+    copies under ZeRO / bf16) and the model's own stayed unchanged."""
+    from megatron_slung.training import pretrain as pt
+
+    original_step = pt.train_step
+    seen = {}
+
+    def weights(trainer):
+        masters = [p.detach().clone() for g in trainer.optimizer.param_groups for p in g["params"]]
+        # a ZeRO-3 parameter's own data is gathered and released around each use: its partition is the weight
+        return masters + [getattr(p, "ds_tensor", p).detach().clone() for p in trainer.module.parameters()]
+
+    def watched_step(trainer, micro):
+        iteration = len(seen) + 1
+        handle = None
+        if iteration == NAN_ITERATION and rank == 0:
+            param = next(p for p in trainer.module.parameters() if p.requires_grad)
+            handle = param.register_hook(lambda g: torch.full_like(g, float("nan")))
+        before = weights(trainer)
+        try:
+            result = original_step(trainer, micro)
+        finally:
+            if handle is not None:
+                handle.remove()
+        after = weights(trainer)
+        seen[iteration] = {"skipped": bool(result[1]), "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+                           "finite": all(bool(torch.isfinite(a).all()) for a in after),
+                           "loss_finite": result[0] is None or bool(torch.isfinite(result[0][0]))}
+        return result
+
+    pt.train_step = watched_step
+    try:
+        pt.pretrain(list(argv) + (["--skip-nan-steps"] if skip else []))
+    except pt.NonFiniteLossError as e:
+        return {"error": str(e), "seen": seen}
+    return {"seen": seen}
+
+
+GRAD_NAN_LAYOUTS = {
+    "plain": (1, []),
+    "bf16": (1, ["--bf16"]),
+    "zero1": (2, ["--zero-stage", "1"]),
+    "zero2": (2, ["--zero-stage", "2"]),
+    "zero3": (2, ["--zero-stage", "3"]),
+    "bf16-zero2": (2, ["--bf16", "--zero-stage", "2"]),
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(GRAD_NAN_LAYOUTS))
+def test_nan_gradient_with_a_finite_loss_stops_the_run(layout):
+    world, extra = GRAD_NAN_LAYOUTS[layout]
+    for got in run_distributed(_grad_nan_body, world, args=(TINY + ["--train-iters", "5"] + extra, False)):
+        assert "error" in got, got["seen"]
+        assert "gradient norm is NaN/inf at iteration 3" in got["error"] and "--skip-nan-steps" in got["error"]
+        seen = got["seen"]
+        assert sorted(seen) == [1, 2, 3] and seen[3]["loss_finite"]
+        assert seen[3]["unchanged"] and seen[3]["finite"]  # the poisoned update was not applied
+
+
+@pytest.mark.parametrize("layout", ["plain", "zero2", "pp2"])
+def test_nan_gradient_step_is_skipped_with_the_flag(layout):
+    world, extra = GRAD_NAN_LAYOUTS[layout]
+    for got in run_distributed(_grad_nan_body, world, args=(TINY + ["--train-iters", "5"] + extra, True)):
+        assert "error" not in got, got["error"]
+        seen = got["seen"]
+        assert [seen[i]["skipped"] for i in range(1, 6)] == [False, False, True, False, False]
+        assert seen[3]["unchanged"] and not seen[2]["unchanged"] and not seen[4]["unchanged"]
+        assert all(s["finite"] for s in seen.values())
