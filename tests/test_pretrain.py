@@ -286,3 +286,65 @@ def test_nan_gradient_step_is_skipped_with_the_flag(layout):
         assert [seen[i]["skipped"] for i in range(1, 6)] == [False, False, True, False, False]
         assert seen[3]["unchanged"] and not seen[2]["unchanged"] and not seen[4]["unchanged"]
         assert all(s["finite"] for s in seen.values())
+
+
+# --------------------------------------------------------------------------- inputs checked before initialisation
+def _write_dataset(prefix, *, max_id=255, risk=True, docs=60, length=40):
+    import numpy as np
+
+    from megatron_slung.data.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    with IndexedDatasetBuilder(str(prefix), vocab_size=1000, with_risk=risk) as builder:
+        for _ in range(docs):
+            tokens = rng.integers(0, max_id + 1, length)
+            tokens[0] = max_id
+            builder.add_document(tokens, rng.integers(0, 4, length) if risk else None)
+    return str(prefix)
+
+
+def _data_args(*data_path, tokenizer=("--vocab-size", "256"), policy="masked"):
+    args = [a for a in TINY if a != "--mock-data"]
+    i = args.index("--vocab-size")
+    del args[i:i + 2]
+    return args + ["--train-iters", "2", "--split", "1", "--risk-loss-policy", policy, "--data-path",
+                   *map(str, data_path), *tokenizer]
+
+
+def _assert_one_line_error_before_init(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    # nothing was initialised: DeepSpeed (whose import alone logs the accelerator) never ran, no summary line
+    assert "megatron-slung pretrain:" not in proc.stdout and "accelerator" not in proc.stdout
+    assert "deepspeed" not in proc.stdout.lower(), proc.stdout[-2000:]
+
+
+def test_data_and_tokenizer_errors_are_one_line_before_initialisation(tmp_path):
+    good = _write_dataset(tmp_path / "good")
+    missing = tmp_path / "nothing_here"
+    _assert_one_line_error_before_init(run_cli(_data_args(missing)), f"{missing}.idx", "no dataset here")
+    no_model = tmp_path / "absent.model"
+    _assert_one_line_error_before_init(
+        run_cli(_data_args(good, tokenizer=("--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", no_model))),
+        f"--tokenizer-model {no_model}", "does not exist")
+    wide = _write_dataset(tmp_path / "wide", max_id=300)
+    _assert_one_line_error_before_init(run_cli(_data_args(0.5, good, 0.5, wide)), f"--data-path {wide}:",
+                                       "token ids up to 300", "256 tokens")
+
+
+def test_a_dataset_without_risk_levels_is_refused_under_a_risk_policy(tmp_path):
+    good = _write_dataset(tmp_path / "good")
+    bare = _write_dataset(tmp_path / "bare", risk=False)
+    proc = run_cli(_data_args(0.5, good, 0.5, bare))
+    _assert_one_line_error_before_init(proc, f"--data-path {bare} has no risk channel", "'masked'",
+                                       "levels 2-3", "--allow-missing-risk")
+    allowed = run_cli(_data_args(0.5, good, 0.5, bare) + ["--allow-missing-risk"])
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "2 datasets, risk channel: 1 of 2" in allowed.stdout
+    assert f"note: {bare} has no risk channel: its tokens train as level 0 (--allow-missing-risk)" in allowed.stdout
+    plain = run_cli(_data_args(bare, policy="ce"))  # plain CE: the levels change nothing
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "1 dataset, risk channel: 0 of 1" in plain.stdout

@@ -45,8 +45,10 @@ from megatron_slung.training.data import (
     CyclicLoader,
     DataExhausted,
     build_datasets,
+    CheckedInputs,
     build_loader,
     build_tokenizer_for_args,
+    check_inputs,
     count_loss_tokens,
     next_micro_batches,
     to_micro_batch,
@@ -151,7 +153,9 @@ def _num_parameters_note(config) -> str:
     return f"{total / 1e6:.2f}M parameters ({config.num_parameters(include_embeddings=False) / 1e6:.2f}M without embeddings)"
 
 
-def setup(args, device: torch.device) -> Trainer:
+def setup(args, device: torch.device, tokenizer=None) -> Trainer:
+    """Process groups, seeds, model, optimizer and DeepSpeed engine, datasets (``tokenizer``: the one
+    ``check_inputs`` loaded, else built here)."""
     import deepspeed
 
     from megatron_slung.model.gpt import GPTModel, compile_transformer_layers, pad_vocab_size
@@ -173,7 +177,8 @@ def setup(args, device: torch.device) -> Trainer:
     np.random.seed(seed)
     model_parallel_manual_seed(seed)
 
-    tokenizer = build_tokenizer_for_args(args)
+    if tokenizer is None:
+        tokenizer = build_tokenizer_for_args(args)
     padded_vocab = pad_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size,
                                   args.make_vocab_size_divisible_by)
     args.padded_vocab_size = padded_vocab
@@ -428,6 +433,9 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     """Run the whole job; returns a summary (iteration reached, last losses) for callers and tests."""
     world_size = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     args = parse_args(argv, world_size=world_size)
+    # Paths, tokenizer and data/tokenizer fit first: a mistake there is a one-line error before any process
+    # group or DeepSpeed engine exists.
+    inputs = check_inputs(args)
     from megatron_slung.training.distributed import initialize_distributed
 
     device = initialize_distributed(args.distributed_backend, args.distributed_timeout_minutes)
@@ -437,17 +445,17 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     from megatron_slung.parallel import state
 
     try:
-        return _run(args, device)
+        return _run(args, device, inputs)
     finally:
         if state.model_parallel_is_initialized():
             state.destroy_model_parallel()
 
 
-def _run(args, device) -> dict:
+def _run(args, device, inputs: CheckedInputs) -> dict:
     from megatron_slung.model.gpt import flops_per_token
 
     t0 = time.time()
-    trainer = setup(args, device)
+    trainer = setup(args, device, inputs.tokenizer)
     engine = trainer.engine
     rank = dist.get_rank()
     _print_status(
@@ -456,9 +464,11 @@ def _run(args, device) -> dict:
         f"{_num_parameters_note(trainer.config)}, vocab {trainer.tokenizer.vocab_size} (padded "
         f"{args.padded_vocab_size}), global batch {args.global_batch_size} x {args.seq_length} tokens "
         f"(micro {args.micro_batch_size}, GAS {args.gradient_accumulation_steps}), ZeRO {args.zero_stage}, "
-        f"{args.params_dtype}, loss policy {args.risk_loss_policy!r}"
+        f"{args.params_dtype}, loss policy {args.risk_loss_policy!r}, {inputs.describe()}"
         + (", transformer layers compiled (--torch-compile)" if args.torch_compile else "")
     )
+    for prefix in inputs.without_risk if args.allow_missing_risk else ():
+        _print_status(f"note: {prefix} has no risk channel: its tokens train as level 0 (--allow-missing-risk)")
 
     iteration, consumed_train, consumed_valid = 0, 0, 0
     if args.load:
