@@ -332,6 +332,8 @@ def test_data_and_tokenizer_errors_are_one_line_before_initialisation(tmp_path):
     _assert_one_line_error_before_init(
         run_cli(_data_args(good, tokenizer=("--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", no_model))),
         f"--tokenizer-model {no_model}", "does not exist")
+    few = _data_args(good) + ["--split", "100,0.1,0", "--eval-iters", "1"]  # 60 documents: no validation document
+    _assert_one_line_error_before_init(run_cli(few), f"--data-path {good}: the valid split is empty (60 documents")
     wide = _write_dataset(tmp_path / "wide", max_id=300)
     _assert_one_line_error_before_init(run_cli(_data_args(0.5, good, 0.5, wide)), f"--data-path {wide}:",
                                        "token ids up to 300", "256 tokens")

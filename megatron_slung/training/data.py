@@ -227,18 +227,30 @@ def check_inputs(args) -> CheckedInputs:
     if args.mock_data:
         return checked
 
-    from megatron_slung.data.gpt_dataset import parse_data_path
+    from megatron_slung.data.gpt_dataset import SPLIT_NAMES, parse_data_path, parse_split, split_document_ranges
     from megatron_slung.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 
     try:
         prefixes, weights = parse_data_path(list(args.data_path))
+        fractions = parse_split(args.split)
     except ValueError as e:
         raise ArgumentError(_one_line(e)) from None
-    for prefix in [p for p, w in zip(prefixes, weights) if w > 0]:
+    needed = dataset_sizes(args)
+    active = [p for p, w in zip(prefixes, weights) if w > 0]
+    for prefix in active:
         try:
             indexed = IndexedDataset(prefix)
         except IndexedDatasetError as e:
             raise ArgumentError(f"--data-path: {_one_line(e)}") from None  # the message names the file
+        except OSError as e:
+            raise ArgumentError(f"--data-path {prefix}: cannot read it ({_one_line(e)})") from None
+        # A split that is read but holds no document (in a blend, a part may be asked for no sample of a
+        # split: build_gpt_datasets decides there).
+        ranges = split_document_ranges(indexed.num_documents, fractions)
+        for name, n, fraction, (start, stop) in zip(SPLIT_NAMES, needed, fractions, ranges):
+            if len(active) == 1 and n > 0 and fraction > 0 and stop <= start:
+                raise ArgumentError(f"--data-path {prefix}: the {name} split is empty ({indexed.num_documents} "
+                                    f"documents, --split {args.split}); use more data or another --split")
         found = token_id_range(indexed, args.data_cache_path)
         if found is not None and (found[0] < 0 or found[1] >= vocab):
             which = (f"--vocab-size {vocab}" if args.tokenizer_type == "NullTokenizer"

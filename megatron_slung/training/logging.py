@@ -61,7 +61,7 @@ def peak_tflops(device_name: Optional[str]) -> Optional[float]:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf (the message names the iteration)."""
+    """The loss or the gradient norm became NaN or inf (the message names which and the iteration)."""
 
 
 # --------------------------------------------------------------------------- per-level statistics
