@@ -258,6 +258,7 @@ def _grad_nan_body(rank, world_size, argv, skip):
 
 GRAD_NAN_LAYOUTS = {
     "plain": (1, []),
+    "plain-no-clipping": (1, ["--clip-grad", "0"]),
     "bf16": (1, ["--bf16"]),
     "zero1": (2, ["--zero-stage", "1"]),
     "zero2": (2, ["--zero-stage", "2"]),

@@ -1,7 +1,9 @@
 """The pretraining job: ``python -m megatron_slung.pretrain [Megatron flags]``.
 
-    initialise (torch.distributed, model-parallel groups, seeds)
-    -> tokenizer, datasets, model (GPTModel on a DeepSpeed engine, or a PipelineModule when PP > 1)
+    check the inputs (tokenizer, data paths, token ids against the vocabulary, risk channels; from the files,
+    before anything is initialised: ``training/data.py: check_inputs``)
+    -> initialise (torch.distributed, model-parallel groups, seeds)
+    -> datasets, model (GPTModel on a DeepSpeed engine, or a PipelineModule when PP > 1)
     -> optionally load a checkpoint -> train (evaluate, save) -> save at the end
 
 Loss normalisation over the global batch. The loss of one optimizer step is
