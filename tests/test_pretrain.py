@@ -243,7 +243,8 @@ def _grad_nan_body(rank, world_size, argv, skip):
             if handle is not None:
                 handle.remove()
         after = weights(trainer)
-        seen[iteration] = {"skipped": bool(result[1]), "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+        seen[iteration] = {"skipped": bool(result[1]),
+                           "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
                            "finite": all(bool(torch.isfinite(a).all()) for a in after),
                            "loss_finite": result[0] is None or bool(torch.isfinite(result[0][0]))}
         return result
@@ -330,9 +331,9 @@ def test_data_and_tokenizer_errors_are_one_line_before_initialisation(tmp_path):
     missing = tmp_path / "nothing_here"
     _assert_one_line_error_before_init(run_cli(_data_args(missing)), f"{missing}.idx", "no dataset here")
     no_model = tmp_path / "absent.model"
-    _assert_one_line_error_before_init(
-        run_cli(_data_args(good, tokenizer=("--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", no_model))),
-        f"--tokenizer-model {no_model}", "does not exist")
+    sentencepiece = ("--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", no_model)
+    _assert_one_line_error_before_init(run_cli(_data_args(good, tokenizer=sentencepiece)),
+                                       f"--tokenizer-model {no_model}", "does not exist")
     few = _data_args(good) + ["--split", "100,0.1,0", "--eval-iters", "1"]  # 60 documents: no validation document
     _assert_one_line_error_before_init(run_cli(few), f"--data-path {good}: the valid split is empty (60 documents")
     wide = _write_dataset(tmp_path / "wide", max_id=300)

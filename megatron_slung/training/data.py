@@ -266,10 +266,10 @@ def check_inputs(args) -> CheckedInputs:
     if checked.without_risk and unlike and not args.allow_missing_risk:
         missing = checked.without_risk
         more = f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        levels = f"level{'s' if len(unlike) > 1 else ''} {_format_levels(unlike)}"
         raise ArgumentError(
             f"--data-path {missing[0]}{more} has no risk channel ({missing[0]}.risk.idx/.bin), so every token would "
-            f"be level 0, but --risk-loss-policy {args.risk_loss_policy!r} treats level{'s' if len(unlike) > 1 else ''} "
-            f"{_format_levels(unlike)} differently; "
+            f"be level 0, but --risk-loss-policy {args.risk_loss_policy!r} treats {levels} differently; "
             "preprocess the data with risk levels, or pass --allow-missing-risk to train it as level 0")
     return checked
 

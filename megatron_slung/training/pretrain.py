@@ -44,10 +44,10 @@ from megatron_slung.training import checkpointing
 from megatron_slung.training.arguments import ArgumentError, args_to_dict, parse_args, world_size_from_env
 from megatron_slung.training.data import (
     IGNORE_INDEX,
+    CheckedInputs,
     CyclicLoader,
     DataExhausted,
     build_datasets,
-    CheckedInputs,
     build_loader,
     build_tokenizer_for_args,
     check_inputs,
