@@ -29,7 +29,9 @@ def test_stop_and_resume_is_bit_exact(tmp_path):
     assert [(r["kind"], r["iteration"]) for r in a] == [(r["kind"], r["iteration"]) for r in b]
     assert len(train_records(a)) == 10 and len(train_records(a, "valid")) == 4
     for x, y in zip(a, b):
-        assert x["loss"] == y["loss"], (x["kind"], x["iteration"])  # bit for bit
+        key = "loss" if x["kind"] == "train" else "policy_loss"
+        assert x[key] == y[key], (x["kind"], x["iteration"])  # bit for bit
+        assert x.get("ppl") == y.get("ppl")
         assert x.get("grad_norm") == y.get("grad_norm") and x.get("lr") == y.get("lr")
         assert x["levels"] == y["levels"]
 
@@ -237,3 +239,144 @@ def test_torch_compile_trains_like_eager(tmp_path):
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5), x["iteration"]
+
+
+# --------------------------------------------------------------------------- NaN gradient, finite loss
+def _grad_nan_body(rank, world_size, argv, skip):
+    """Make one parameter's gradient NaN on rank 0 only, at iteration 3 (the loss stays finite); report, per
+    iteration, whether the step was skipped and whether the weights the optimizer holds (the fp32 master
+    copies under ZeRO / bf16) and the model's own stayed unchanged."""
+    from megatron_slung.training import pretrain as pt
+
+    original_step = pt.train_step
+    seen = {}
+
+    def weights(trainer):
+        masters = [p.detach().clone() for g in trainer.optimizer.param_groups for p in g["params"]]
+        # a ZeRO-3 parameter's own data is gathered and released around each use: its partition is the weight
+        return masters + [getattr(p, "ds_tensor", p).detach().clone() for p in trainer.module.parameters()]
+
+    def watched_step(trainer, micro):
+        iteration = len(seen) + 1
+        handle = None
+        if iteration == NAN_ITERATION and rank == 0:
+            param = next(p for p in trainer.module.parameters() if p.requires_grad)
+            handle = param.register_hook(lambda g: torch.full_like(g, float("nan")))
+        before = weights(trainer)
+        try:
+            result = original_step(trainer, micro)
+        finally:
+            if handle is not None:
+                handle.remove()
+        after = weights(trainer)
+        seen[iteration] = {"skipped": bool(result[1]),
+                           "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+                           "finite": all(bool(torch.isfinite(a).all()) for a in after),
+                           "loss_finite": result[0] is None or bool(torch.isfinite(result[0][0]))}
+        return result
+
+    pt.train_step = watched_step
+    try:
+        pt.pretrain(list(argv) + (["--skip-nan-steps"] if skip else []))
+    except pt.NonFiniteLossError as e:
+        return {"error": str(e), "seen": seen}
+    return {"seen": seen}
+
+
+GRAD_NAN_LAYOUTS = {
+    "plain": (1, []),
+    "plain-no-clipping": (1, ["--clip-grad", "0"]),
+    "bf16": (1, ["--bf16"]),
+    "zero1": (2, ["--zero-stage", "1"]),
+    "zero2": (2, ["--zero-stage", "2"]),
+    "zero3": (2, ["--zero-stage", "3"]),
+    "bf16-zero2": (2, ["--bf16", "--zero-stage", "2"]),
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(GRAD_NAN_LAYOUTS))
+def test_nan_gradient_with_a_finite_loss_stops_the_run(layout):
+    world, extra = GRAD_NAN_LAYOUTS[layout]
+    for got in run_distributed(_grad_nan_body, world, args=(TINY + ["--train-iters", "5"] + extra, False)):
+        assert "error" in got, got["seen"]
+        assert "gradient norm is NaN/inf at iteration 3" in got["error"] and "--skip-nan-steps" in got["error"]
+        seen = got["seen"]
+        assert sorted(seen) == [1, 2, 3] and seen[3]["loss_finite"]
+        assert seen[3]["unchanged"] and seen[3]["finite"]  # the poisoned update was not applied
+
+
+@pytest.mark.parametrize("layout", ["plain", "zero2", "pp2"])
+def test_nan_gradient_step_is_skipped_with_the_flag(layout):
+    world, extra = GRAD_NAN_LAYOUTS[layout]
+    for got in run_distributed(_grad_nan_body, world, args=(TINY + ["--train-iters", "5"] + extra, True)):
+        assert "error" not in got, got["error"]
+        seen = got["seen"]
+        assert [seen[i]["skipped"] for i in range(1, 6)] == [False, False, True, False, False]
+        assert seen[3]["unchanged"] and not seen[2]["unchanged"] and not seen[4]["unchanged"]
+        assert all(s["finite"] for s in seen.values())
+
+
+# --------------------------------------------------------------------------- inputs checked before initialisation
+def _write_dataset(prefix, *, max_id=255, risk=True, docs=60, length=40):
+    import numpy as np
+
+    from megatron_slung.data.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    with IndexedDatasetBuilder(str(prefix), vocab_size=1000, with_risk=risk) as builder:
+        for _ in range(docs):
+            tokens = rng.integers(0, max_id + 1, length)
+            tokens[0] = max_id
+            builder.add_document(tokens, rng.integers(0, 4, length) if risk else None)
+    return str(prefix)
+
+
+def _data_args(*data_path, tokenizer=("--vocab-size", "256"), policy="masked"):
+    args = [a for a in TINY if a != "--mock-data"]
+    i = args.index("--vocab-size")
+    del args[i:i + 2]
+    return args + ["--train-iters", "2", "--split", "1", "--risk-loss-policy", policy, "--data-path",
+                   *map(str, data_path), *tokenizer]
+
+
+def _assert_one_line_error_before_init(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    # nothing was initialised: DeepSpeed (whose import alone logs the accelerator) never ran, no summary line
+    assert "megatron-slung pretrain:" not in proc.stdout and "accelerator" not in proc.stdout
+    assert "deepspeed" not in proc.stdout.lower(), proc.stdout[-2000:]
+
+
+def test_data_and_tokenizer_errors_are_one_line_before_initialisation(tmp_path):
+    good = _write_dataset(tmp_path / "good")
+    missing = tmp_path / "nothing_here"
+    _assert_one_line_error_before_init(run_cli(_data_args(missing)), f"{missing}.idx", "no dataset here")
+    no_model = tmp_path / "absent.model"
+    sentencepiece = ("--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", no_model)
+    _assert_one_line_error_before_init(run_cli(_data_args(good, tokenizer=sentencepiece)),
+                                       f"--tokenizer-model {no_model}", "does not exist")
+    few = _data_args(good) + ["--split", "100,0.1,0", "--eval-iters", "1"]  # 60 documents: no validation document
+    _assert_one_line_error_before_init(run_cli(few), f"--data-path {good}: the valid split is empty (60 documents")
+    wide = _write_dataset(tmp_path / "wide", max_id=300)
+    _assert_one_line_error_before_init(run_cli(_data_args(0.5, good, 0.5, wide)), f"--data-path {wide}:",
+                                       "token ids up to 300", "256 tokens")
+
+
+def test_a_dataset_without_risk_levels_is_refused_under_a_risk_policy(tmp_path):
+    good = _write_dataset(tmp_path / "good")
+    bare = _write_dataset(tmp_path / "bare", risk=False)
+    proc = run_cli(_data_args(0.5, good, 0.5, bare))
+    _assert_one_line_error_before_init(proc, f"--data-path {bare} has no risk channel", "'masked'",
+                                       "levels 2-3", "--allow-missing-risk")
+    allowed = run_cli(_data_args(0.5, good, 0.5, bare) + ["--allow-missing-risk"])
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "2 datasets, risk channel: 1 of 2" in allowed.stdout
+    assert f"note: {bare} has no risk channel: its tokens train as level 0 (--allow-missing-risk)" in allowed.stdout
+    plain = run_cli(_data_args(bare, policy="ce"))  # plain CE: the levels change nothing
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "1 dataset, risk channel: 0 of 1" in plain.stdout

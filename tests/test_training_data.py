@@ -89,3 +89,45 @@ def test_cyclic_loader_wraps_around():
     first = [next(loader)["tokens"] for _ in range(3)]
     assert torch.equal(first[0], torch.stack([ds[2]["tokens"], ds[3]["tokens"]]))
     assert torch.equal(first[1], torch.stack([ds[0]["tokens"], ds[1]["tokens"]]))  # sample 4 is a partial batch
+
+
+def test_levels_unlike_level_0_say_when_missing_risk_levels_change_the_loss():
+    from megatron_slung.training.data import levels_unlike_level_0
+
+    assert levels_unlike_level_0(LossPolicy.parse("ce")) == []
+    assert levels_unlike_level_0(LossPolicy.parse("*:ce@0.5")) == []  # uniform: level 0 everywhere is the same
+    assert levels_unlike_level_0(LossPolicy.parse("masked")) == [2, 3]
+    assert levels_unlike_level_0(LossPolicy.parse("unlikelihood")) == [3]
+    assert levels_unlike_level_0(LossPolicy.parse("1:ce@2")) == [1]  # a weight alone counts
+    assert levels_unlike_level_0(LossPolicy.parse("0:ignore")) == list(range(1, 256))
+
+
+def test_token_id_range_is_scanned_once_and_rescanned_when_the_data_changes(tmp_path, monkeypatch):
+    import os
+
+    import numpy as np
+
+    from megatron_slung.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+    from megatron_slung.training.data import token_id_range
+
+    def write(top):
+        with IndexedDatasetBuilder(str(tmp_path / "d"), dtype=np.uint16) as b:
+            b.add_documents(np.array([5, top, 7, 0, 9], np.uint16), [2, 3])
+
+    write(300)
+    ds = IndexedDataset(str(tmp_path / "d"))
+    assert ds.token_id_range(chunk=2) == (0, 300)  # chunk boundaries do not matter
+    cache = tmp_path / "cache"
+    assert token_id_range(ds, str(cache)) == (0, 300)
+    assert len(os.listdir(cache)) == 1
+    scans = []
+    original = IndexedDataset.token_id_range
+    monkeypatch.setattr(IndexedDataset, "token_id_range", lambda self, *a: scans.append(1) or original(self, *a))
+    assert token_id_range(IndexedDataset(str(tmp_path / "d")), str(cache)) == (0, 300) and scans == []  # cached
+    write(40000)  # same sizes, new contents and modification time
+    st = os.stat(tmp_path / "d.bin")  # (a coarse file-system clock could give the rewrite the same time)
+    os.utime(tmp_path / "d.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert token_id_range(IndexedDataset(str(tmp_path / "d")), str(cache)) == (0, 40000) and scans == [1]
+    empty = tmp_path / "e"
+    IndexedDatasetBuilder(str(empty), dtype=np.uint16).finalize()
+    assert token_id_range(IndexedDataset(str(empty)), str(cache)) is None

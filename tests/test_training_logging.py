@@ -69,16 +69,19 @@ def test_logger_averages_the_interval_and_writes_jsonl_and_tensorboard(tmp_path)
     assert [(r["kind"], r["iteration"]) for r in lines] == [("train", 2), ("train", 4), ("train", 5), ("valid", 5)]
     assert lines[1]["loss"] == pytest.approx(1.0) and lines[1]["skipped_iterations"] == 1
     assert rec5["loss"] == pytest.approx(1.5) and rec5["eta_s"] == 0
-    assert lines[3]["ppl"] == pytest.approx(math.exp(1.25))
+    assert lines[3]["policy_loss"] == 1.25 and lines[3]["ce"] == pytest.approx(2.0)
+    assert lines[3]["ppl"] == pytest.approx(math.exp(2.0)) and lines[3]["ppl_tokens"] == NUM_LEVELS
     text = stream.getvalue()
     assert "iter 2/5 | loss 3.0000" in text and "3:toxic[ignore]=3.0000" in text and "MFU" in text
-    assert "valid at iter 5" in text
+    assert "valid at iter 5 | policy loss 1.2500 | ce 2.0000 | ppl 7.389 (256 tokens)" in text
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([3.0, 1.0, 1.5])
-    assert "train/ce_level/3_toxic" in events.Tags()["scalars"] and "valid/loss" in events.Tags()["scalars"]
+    assert "train/ce_level/3_toxic" in events.Tags()["scalars"]
+    assert {"valid/policy_loss", "valid/ce", "valid/ppl"} <= set(events.Tags()["scalars"])
+    assert "valid/loss" not in events.Tags()["scalars"]
 
 
 def test_disabled_logger_writes_nothing_and_cpu_has_no_mfu(tmp_path):
@@ -97,3 +100,26 @@ def test_disabled_logger_writes_nothing_and_cpu_has_no_mfu(tmp_path):
 def test_peak_table():
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops(None) is None and peak_tflops("Some CPU") is None
+
+
+def test_eval_perplexity_is_that_of_the_plain_cross_entropy_not_of_the_policy_loss():
+    """Unlikelihood and weights make the policy loss no cross-entropy: ppl = exp(mean plain CE over every token
+    whose label is kept, all levels), the policy loss is reported apart."""
+    torch.manual_seed(1)
+    logits = torch.randn(64, 13) * 3
+    labels = torch.randint(0, 13, (64,))
+    labels[:5] = -100  # loss-masked: in neither number
+    risk = torch.tensor([0, 1, 2, 3] * 16, dtype=torch.uint8)
+    policy = "0:ce,1:ce@0.5,2:ignore,3:unlikelihood"
+    out = masked_cross_entropy_reference(logits, labels, risk, policy)
+    policy_loss = float(out.loss_sum / out.num_tokens)
+    logger = TrainingLogger(enabled=True, policy=policy, train_iters=1, log_interval=1, tokens_per_iteration=1,
+                            flops_per_token=1.0, world_size=1, stream=io.StringIO())
+    rec = logger.log_eval(1, "valid", policy_loss, int(out.num_tokens), out.level_count, out.level_ce_sum)
+    kept = labels != -100
+    ce = torch.nn.functional.cross_entropy(logits[kept].double(), labels[kept])
+    assert rec["ppl_tokens"] == int(kept.sum()) == 59
+    assert rec["ce"] == pytest.approx(float(ce), rel=1e-6)
+    assert rec["ppl"] == pytest.approx(math.exp(float(ce)), rel=1e-6)
+    assert rec["policy_loss"] == policy_loss and rec["loss_tokens"] == int(out.num_tokens)
+    assert abs(math.log(rec["ppl"]) - policy_loss) > 0.1  # exp(policy loss) would be a different number

@@ -333,6 +333,18 @@ class IndexedDataset:
             raise IndexError(f"{self.prefix}: tokens [{start}, {start + count}) outside 0..{self.num_tokens}")
         return self._bin[start : start + count]
 
+    def token_id_range(self, chunk: int = 1 << 20) -> tuple[int, int] | None:
+        """(smallest, largest) token id in the whole ``.bin``, or None when it holds no token.
+
+        One pass over the file in chunks of ``chunk`` tokens (small enough that min and max of a chunk both
+        read it from the CPU cache); memory stays at one chunk whatever the file's size."""
+        lo = hi = None
+        for start in range(0, self.num_tokens, chunk):
+            part = self._bin[start : start + chunk]
+            a, b = int(part.min()), int(part.max())
+            lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+        return None if lo is None else (lo, hi)
+
     def read_risk(self, start: int, count: int) -> np.ndarray:
         """The risk levels (uint8) of ``read(start, count)``; zeros when there is no risk channel."""
         if start < 0 or count < 0 or start + count > self.num_tokens:

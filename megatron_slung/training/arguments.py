@@ -143,6 +143,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size when there is no tokenizer (NullTokenizer, --mock-data)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--allow-missing-risk", action="store_true",
+                   help="train a --data-path dataset that has no risk channel (PREFIX.risk.bin/.idx) as all level 0 "
+                        "even though --risk-loss-policy treats levels differently (default: an error)")
 
 
 def _add_loss_args(p: argparse.ArgumentParser) -> None:

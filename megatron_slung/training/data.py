@@ -13,7 +13,10 @@ TP ranks of one replica read the same samples; middle pipeline stages read nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
 import torch
@@ -120,6 +123,155 @@ def build_datasets(args, tokenizer):
         list(args.data_path), args.split, args.seq_length, args.seed, (train_n, valid_n, test_n),
         cache_dir=args.data_cache_path, eod_token=getattr(tokenizer, "eod", None), eod_mask_loss=args.eod_mask_loss,
     )
+
+
+# --------------------------------------------------------------------------- checks before the job starts
+def levels_unlike_level_0(policy: LossPolicy) -> List[int]:
+    """The levels the policy gives another mode or weight than level 0. Data without a risk channel reads as
+    all level 0, so when this is not empty such data would not train as the policy says."""
+    first = (policy.modes[0], policy.weights[0])
+    return [level for level, mw in enumerate(zip(policy.modes, policy.weights)) if mw != first]
+
+
+def _format_levels(levels: List[int]) -> str:
+    """[2, 3, 5, 6, 7] -> "2-3, 5-7"."""
+    runs = []
+    for level in levels:
+        if runs and level == runs[-1][1] + 1:
+            runs[-1][1] = level
+        else:
+            runs.append([level, level])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@dataclass
+class CheckedInputs:
+    """What ``check_inputs`` found: the tokenizer (reused by the job) and the datasets' risk channels."""
+
+    tokenizer: object
+    prefixes: List[str] = field(default_factory=list)  # the datasets read (weight > 0); empty with --mock-data
+    without_risk: List[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if not self.prefixes:
+            return "mock data (risk levels built in)"
+        n = len(self.prefixes)
+        return f"{n} dataset{'s' if n > 1 else ''}, risk channel: {n - len(self.without_risk)} of {n}"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _token_range_cache_path(prefix: str, cache_dir: Optional[str]) -> str:
+    from megatron_slung.data.gpt_dataset import default_cache_dir
+
+    key = hashlib.sha256(os.path.abspath(prefix).encode()).hexdigest()[:20]
+    return os.path.join(cache_dir if cache_dir is not None else default_cache_dir(prefix), f"{key}-token-range.json")
+
+
+def token_id_range(indexed, cache_dir: Optional[str] = None):
+    """(min, max) token id of a dataset: one scan of its ``.bin`` (about 1-2 GB/s), then cached as a small
+    JSON in the index cache directory, keyed by the files' sizes and modification times (a rewritten dataset
+    is scanned again). None for an empty dataset."""
+    from megatron_slung.data.indexed_dataset import bin_path, idx_path
+
+    prefix = indexed.prefix
+    stamp = [[os.path.getsize(f), os.stat(f).st_mtime_ns] for f in (bin_path(prefix), idx_path(prefix))]
+    path = _token_range_cache_path(prefix, cache_dir)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("prefix") == os.path.abspath(prefix) and cached.get("files") == stamp:
+            return None if cached["range"] is None else tuple(cached["range"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = indexed.token_id_range()
+    try:  # a cache is a convenience: a read-only data directory just means scanning again next time
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = f"{path}.partial-{os.getpid()}"
+        with open(temp, "w", encoding="utf-8") as f:
+            json.dump({"prefix": os.path.abspath(prefix), "files": stamp,
+                       "range": None if found is None else list(found)}, f)
+        os.replace(temp, path)
+    except OSError:
+        pass
+    return found
+
+
+def check_inputs(args) -> CheckedInputs:
+    """The tokenizer, the datasets and their fit, checked from the files alone, before torch.distributed and
+    DeepSpeed start, so that a wrong path or a mismatch is a one-line error in seconds (``ArgumentError``),
+    not a traceback after initialisation. Every rank runs the same checks.
+
+    * the tokenizer loads (``--tokenizer-type`` / ``--tokenizer-model``), ``--vocab-size`` agrees with it,
+      ``--eod-mask-loss`` has an end-of-document token;
+    * every ``--data-path`` prefix read (weight > 0) opens (index and data file consistent);
+    * its token ids lie in [0, vocabulary size) (else the embedding fails mid-step);
+    * it has a risk channel, or the policy treats every level like level 0, or ``--allow-missing-risk``.
+    """
+    from megatron_slung.training.arguments import ArgumentError
+
+    try:
+        tokenizer = build_tokenizer_for_args(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: cannot load the {args.tokenizer_type}: "
+                            f"{_one_line(e)}") from None
+    vocab = int(tokenizer.vocab_size)
+    if args.tokenizer_type != "NullTokenizer" and args.vocab_size is not None and args.vocab_size != vocab:
+        raise ArgumentError(f"--vocab-size {args.vocab_size} contradicts the tokenizer {args.tokenizer_model}, which "
+                            f"has {vocab} tokens; leave --vocab-size out (it is for NullTokenizer)")
+    if args.eod_mask_loss and getattr(tokenizer, "eod", None) is None:
+        raise ArgumentError(f"--eod-mask-loss needs an end-of-document token; the {args.tokenizer_type} has none")
+    checked = CheckedInputs(tokenizer)
+    if args.mock_data:
+        return checked
+
+    from megatron_slung.data.gpt_dataset import SPLIT_NAMES, parse_data_path, parse_split, split_document_ranges
+    from megatron_slung.data.indexed_dataset import IndexedDataset, IndexedDatasetError
+
+    try:
+        prefixes, weights = parse_data_path(list(args.data_path))
+        fractions = parse_split(args.split)
+    except ValueError as e:
+        raise ArgumentError(_one_line(e)) from None
+    needed = dataset_sizes(args)
+    active = [p for p, w in zip(prefixes, weights) if w > 0]
+    for prefix in active:
+        try:
+            indexed = IndexedDataset(prefix)
+        except IndexedDatasetError as e:
+            raise ArgumentError(f"--data-path: {_one_line(e)}") from None  # the message names the file
+        except OSError as e:
+            raise ArgumentError(f"--data-path {prefix}: cannot read it ({_one_line(e)})") from None
+        # A split that is read but holds no document (in a blend, a part may be asked for no sample of a
+        # split: build_gpt_datasets decides there).
+        ranges = split_document_ranges(indexed.num_documents, fractions)
+        for name, n, fraction, (start, stop) in zip(SPLIT_NAMES, needed, fractions, ranges):
+            if len(active) == 1 and n > 0 and fraction > 0 and stop <= start:
+                raise ArgumentError(f"--data-path {prefix}: the {name} split is empty ({indexed.num_documents} "
+                                    f"documents, --split {args.split}); use more data or another --split")
+        found = token_id_range(indexed, args.data_cache_path)
+        if found is not None and (found[0] < 0 or found[1] >= vocab):
+            which = (f"--vocab-size {vocab}" if args.tokenizer_type == "NullTokenizer"
+                     else f"the tokenizer {args.tokenizer_model}")
+            what = (f"holds a negative token id ({found[0]})" if found[0] < 0 else
+                    f"holds token ids up to {found[1]}, but {which} has {vocab} tokens (ids 0..{vocab - 1})")
+            raise ArgumentError(f"--data-path {prefix}: {what}; preprocess the data with this tokenizer, or train "
+                                "with the one it was made with")
+        checked.prefixes.append(prefix)
+        if not indexed.has_risk:
+            checked.without_risk.append(prefix)
+    unlike = levels_unlike_level_0(LossPolicy.parse(args.risk_loss_policy))
+    if checked.without_risk and unlike and not args.allow_missing_risk:
+        missing = checked.without_risk
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        levels = f"level{'s' if len(unlike) > 1 else ''} {_format_levels(unlike)}"
+        raise ArgumentError(
+            f"--data-path {missing[0]}{more} has no risk channel ({missing[0]}.risk.idx/.bin), so every token would "
+            f"be level 0, but --risk-loss-policy {args.risk_loss_policy!r} treats {levels} differently; "
+            "preprocess the data with risk levels, or pass --allow-missing-risk to train it as level 0")
+    return checked
 
 
 # --------------------------------------------------------------------------- sampler and loader

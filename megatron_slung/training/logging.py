@@ -1,9 +1,11 @@
 """What a user sees while training: log lines, a progress bar, TensorBoard scalars and a JSONL file.
 
 Every ``--log-interval`` iterations one line (and one JSONL record) with, averaged over the interval:
-the loss (mean of the per-iteration losses), the loss of each risk level seen (plain cross-entropy per
-token, masked levels included: they carry no loss but are still watched), the learning rate, the gradient
-norm, tokens/s, TFLOP/s per device and MFU, and the ETA. Only one rank (the logging rank) writes.
+the loss (the policy loss that is optimised; mean of the per-iteration losses), the loss of each risk level
+seen (plain cross-entropy per token, masked levels included: they carry no loss but are still watched), the
+learning rate, the gradient norm, tokens/s, TFLOP/s per device and MFU, and the ETA. Evaluations report the
+policy loss and, apart from it, the perplexity of the plain cross-entropy (``log_eval``). Only one rank (the
+logging rank) writes.
 
 FLOPs: ``flops_per_token`` (the model's formula: 6 x matmul parameters + attention, training) x tokens/s /
 devices = achieved TFLOP/s per device. MFU = that / the device's peak dense 16-bit tensor TFLOP/s, the
@@ -59,7 +61,7 @@ def peak_tflops(device_name: Optional[str]) -> Optional[float]:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf (the message names the iteration)."""
+    """The loss or the gradient norm became NaN or inf (the message names which and the iteration)."""
 
 
 # --------------------------------------------------------------------------- per-level statistics
@@ -240,13 +242,24 @@ class TrainingLogger:
         return record
 
     # ------------------------------------------------------------------ evaluation
-    def log_eval(self, iteration: int, split: str, loss: float, num_tokens: int, level_count: torch.Tensor,
+    def log_eval(self, iteration: int, split: str, policy_loss: float, num_tokens: int, level_count: torch.Tensor,
                  level_ce_sum: torch.Tensor) -> dict:
+        """One evaluation's record. Two different numbers, each under its own name:
+
+        * ``policy_loss``: the loss training optimises (the policy's modes and weights, label smoothing, z-loss),
+          summed over the loss-carrying tokens / their number (``loss_tokens``). Not a perplexity's log when the
+          policy ignores, down-weights or unlikelihood-trains some levels.
+        * ``ce`` and ``ppl = exp(ce)``: the plain cross-entropy (no weight, smoothing or z-loss) averaged over
+          every token whose label is kept (``ppl_tokens``: the loss mask applies, every risk level counts,
+          whatever the policy does with it), i.e. the usual perplexity of the evaluation data.
+        """
         levels = level_report(level_count, level_ce_sum, self.policy)
-        ppl = math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan")
-        record = {"kind": split, "iteration": iteration, "loss": loss, "ppl": ppl, "loss_tokens": int(num_tokens),
-                  "levels": levels, "time": time.time()}
-        scalars = {f"{split}/loss": loss, f"{split}/ppl": ppl}
+        ppl_tokens = int(level_count.detach().double().sum().item())
+        ce = float(level_ce_sum.detach().double().sum().item()) / ppl_tokens if ppl_tokens else float("nan")
+        ppl = math.exp(min(ce, 50.0)) if math.isfinite(ce) else float("nan")
+        record = {"kind": split, "iteration": iteration, "policy_loss": policy_loss, "ce": ce, "ppl": ppl,
+                  "ppl_tokens": ppl_tokens, "loss_tokens": int(num_tokens), "levels": levels, "time": time.time()}
+        scalars = {f"{split}/policy_loss": policy_loss, f"{split}/ce": ce, f"{split}/ppl": ppl}
         for level, info in levels.items():
             scalars[f"{split}/ce_level/{level}_{info['name']}"] = info["ce"]
         if self.enabled:
@@ -296,5 +309,5 @@ def format_train_line(r: dict, train_iters: int) -> str:
 
 
 def format_eval_line(r: dict) -> str:
-    return (f"{r['kind']} at iter {r['iteration']} | loss {r['loss']:.4f} | ppl {r['ppl']:.3f} | "
-            f"ce by risk level: {_format_levels(r['levels'])}")
+    return (f"{r['kind']} at iter {r['iteration']} | policy loss {r['policy_loss']:.4f} | ce {r['ce']:.4f} | "
+            f"ppl {r['ppl']:.3f} ({r['ppl_tokens']} tokens) | ce by risk level: {_format_levels(r['levels'])}")

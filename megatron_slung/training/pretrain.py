@@ -1,7 +1,9 @@
 """The pretraining job: ``python -m megatron_slung.pretrain [Megatron flags]``.
 
-    initialise (torch.distributed, model-parallel groups, seeds)
-    -> tokenizer, datasets, model (GPTModel on a DeepSpeed engine, or a PipelineModule when PP > 1)
+    check the inputs (tokenizer, data paths, token ids against the vocabulary, risk channels; from the files,
+    before anything is initialised: ``training/data.py: check_inputs``)
+    -> initialise (torch.distributed, model-parallel groups, seeds)
+    -> datasets, model (GPTModel on a DeepSpeed engine, or a PipelineModule when PP > 1)
     -> optionally load a checkpoint -> train (evaluate, save) -> save at the end
 
 Loss normalisation over the global batch. The loss of one optimizer step is
@@ -42,11 +44,13 @@ from megatron_slung.training import checkpointing
 from megatron_slung.training.arguments import ArgumentError, args_to_dict, parse_args, world_size_from_env
 from megatron_slung.training.data import (
     IGNORE_INDEX,
+    CheckedInputs,
     CyclicLoader,
     DataExhausted,
     build_datasets,
     build_loader,
     build_tokenizer_for_args,
+    check_inputs,
     count_loss_tokens,
     next_micro_batches,
     to_micro_batch,
@@ -86,28 +90,38 @@ def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch
 
 
 class StepGuard:
-    """Lets the trainer veto an optimizer update (a NaN/inf loss) from inside DeepSpeed's step.
+    """Lets the trainer veto an optimizer update (a NaN/inf loss or gradient norm) from inside DeepSpeed's step.
 
     DeepSpeed calls the basic optimizer's ``step`` (inside its ZeRO / mixed-precision wrappers, after
-    gradient reduction and clipping). The guard replaces that method on the instance: it asks ``decide()``
-    and either runs the real step or does nothing, so the weights and the optimizer state stay untouched.
-    ``decide`` may be a collective (every rank reaches the optimizer step at the same point)."""
+    gradient reduction, the norm and clipping). The guard replaces that method on the instance: it asks
+    ``decide()`` for ``(loss_bad, grad_bad)`` and either runs the real step or does nothing, so the weights and
+    the optimizer state stay untouched. ``decide`` may be a collective (every rank reaches the optimizer step
+    at the same point); it runs once per update (``begin()`` resets it), because ZeRO 1/2 call the basic
+    step once per parameter group and every group must get the same answer."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
-        self.decide = lambda: False
+        self.decide = lambda: (False, False)
         self.before_step = None
-        self.skipped = False
+        self.verdict = None  # (loss_bad, grad_bad) of this update, once decided
         self._original = optimizer.step
 
         def step(*a, **k):
-            if self.before_step is not None:
-                self.before_step()
-            self.skipped = bool(self.decide())
-            if self.skipped:
+            if self.verdict is None:
+                if self.before_step is not None:
+                    self.before_step()
+                self.verdict = tuple(bool(v) for v in self.decide())
+            if any(self.verdict):
                 return None
             return self._original(*a, **k)
 
         optimizer.step = step
+
+    def begin(self, decide) -> None:
+        self.decide, self.verdict = decide, None
+
+    @property
+    def skipped(self) -> bool:
+        return self.verdict is not None and any(self.verdict)
 
 
 @dataclass
@@ -133,6 +147,7 @@ class Trainer:
     tokenizer: object
     datasets: tuple
     grad_norm: Optional[float] = None
+    grad_nonfinite: bool = False  # the last update's gradient norm was NaN/inf (so it was not applied)
 
 
 def _num_parameters_note(config) -> str:
@@ -140,7 +155,9 @@ def _num_parameters_note(config) -> str:
     return f"{total / 1e6:.2f}M parameters ({config.num_parameters(include_embeddings=False) / 1e6:.2f}M without embeddings)"
 
 
-def setup(args, device: torch.device) -> Trainer:
+def setup(args, device: torch.device, tokenizer=None) -> Trainer:
+    """Process groups, seeds, model, optimizer and DeepSpeed engine, datasets (``tokenizer``: the one
+    ``check_inputs`` loaded, else built here)."""
     import deepspeed
 
     from megatron_slung.model.gpt import GPTModel, compile_transformer_layers
@@ -162,7 +179,8 @@ def setup(args, device: torch.device) -> Trainer:
     np.random.seed(seed)
     model_parallel_manual_seed(seed)
 
-    tokenizer = build_tokenizer_for_args(args)
+    if tokenizer is None:
+        tokenizer = build_tokenizer_for_args(args)
     # With --load the vocabulary is the checkpoint's (its row count), and the config must be its model.
     load_metadata = getattr(args, "load_metadata", None)
     padded_vocab, note = checkpointing.resolve_padded_vocab(load_metadata, args, getattr(args, "explicit_flags", ()),
@@ -282,8 +300,38 @@ def _nonfinite(stats: Optional[torch.Tensor]) -> bool:
     return stats is not None and not bool(torch.isfinite(stats[0]).item())
 
 
+def _grad_norm_before_update(trainer: Trainer) -> Optional[float]:
+    """The global gradient norm of the update being applied, as DeepSpeed computed it just before calling the
+    basic optimizer's step: its ZeRO and bf16 optimizers keep it as ``_global_grad_norm``; the fp32 engine
+    without ZeRO gets it from ``_record_fp32_grad_norm``. None when DeepSpeed computes none (ZeRO 1/2 with
+    the norm disabled)."""
+    engine = trainer.engine
+    wrapper = engine.optimizer
+    norm = getattr(wrapper, "_global_grad_norm", None) if wrapper is not trainer.optimizer else None
+    if norm is None:
+        norm = getattr(engine, "_global_grad_norm", None)
+    return None if norm is None else float(norm)
+
+
+def _decide_update(trainer: Trainer, loss_bad: bool) -> tuple:
+    """(loss_bad, grad_bad), the same on every rank: called inside DeepSpeed's optimizer step, which every rank
+    reaches together."""
+    norm = _grad_norm_before_update(trainer)
+    flags = torch.tensor([float(loss_bad), float(norm is not None and not math.isfinite(norm))],
+                         device=_comm_device(trainer))
+    _all_reduce(flags, None, op=dist.ReduceOp.MAX)
+    return bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+
+
 def train_step(trainer: Trainer, micro_batches) -> tuple:
-    """One optimizer step over this rank's GAS micro-batches; returns (stats or None, skipped)."""
+    """One optimizer step over this rank's GAS micro-batches; returns (stats or None, skipped, lr).
+
+    An update whose global loss or gradient norm is NaN/inf is never applied: the guard vetoes it inside
+    DeepSpeed's step, or DeepSpeed's own overflow check drops it first (ZeRO 1-3 and bf16 drop a step with a
+    NaN/inf norm before the basic step). Afterwards ``trainer.grad_nonfinite`` says whether the gradient norm
+    was NaN/inf; the loop stops the run or skips on (``--skip-nan-steps``). fp16 is different: there an
+    overflow is the dynamic loss scaler's routine signal to lower the scale, so DeepSpeed's skip is only a
+    skipped iteration."""
     args, engine = trainer.args, trainer.engine
     lr = trainer.scheduler.apply()
     comm = _comm_device(trainer)
@@ -294,12 +342,9 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
 
         def decide():  # inside DeepSpeed's optimizer step, on every rank: any non-finite loss on a last stage
             stats = getattr(module.loss_fn, "_stats", None)
-            bad = torch.tensor([1.0 if stats is not None and not math.isfinite(float(stats["loss_sum"])) else 0.0],
-                               device=comm)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            return bad.item() > 0
+            return _decide_update(trainer, stats is not None and not math.isfinite(float(stats["loss_sum"])))
 
-        trainer.guard.decide = decide
+        trainer.guard.begin(decide)
         batches = [(mb.tokens, (mb.labels, mb.risk)) for mb in micro_batches] if trainer.loads_data else None
         engine.train_batch(iter(batches) if batches is not None else None)
         raw = module.loss_fn.pop_stats()
@@ -312,8 +357,7 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
     else:
         scale = loss_scale(global_loss_tokens(trainer, micro_batches), trainer)
         stats = _empty_stats(comm)
-        verdict = {"skip": False}
-        trainer.guard.decide = lambda: verdict["skip"]
+        trainer.guard.begin(lambda: _decide_update(trainer, _nonfinite(stats)))
         for j, mb in enumerate(micro_batches):
             mb = mb.to(trainer.device)
             output = engine(mb.tokens, return_hidden=True) if args.fused_linear_ce else engine(mb.tokens)
@@ -323,10 +367,12 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
                        out.level_ce_sum.to(comm))
             if j == len(micro_batches) - 1:
                 _all_reduce(stats, trainer.dp_group)  # the whole global batch, before the update
-                verdict["skip"] = _nonfinite(stats)
             engine.step()
-    skipped = trainer.guard.skipped or not engine.was_step_applied()
-    trainer.guard.skipped = False
+    dropped_by_deepspeed = not engine.was_step_applied()  # its overflow check (ZeRO, bf16, fp16 loss scaling)
+    verdict = trainer.guard.verdict or (False, False)
+    trainer.grad_nonfinite = verdict[1] or (dropped_by_deepspeed and not args.fp16)
+    skipped = trainer.guard.skipped or dropped_by_deepspeed
+    trainer.guard.verdict = None
     if not skipped:
         trainer.scheduler.step()
     norm = engine.get_global_grad_norm()
@@ -399,6 +445,9 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     """Run the whole job; returns a summary (iteration reached, last losses) for callers and tests."""
     world_size = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     args = parse_args(argv, world_size=world_size)
+    # Paths, tokenizer and data/tokenizer fit first: a mistake there is a one-line error before any process
+    # group or DeepSpeed engine exists.
+    inputs = check_inputs(args)
     from megatron_slung.training.distributed import initialize_distributed
 
     device = initialize_distributed(args.distributed_backend, args.distributed_timeout_minutes)
@@ -408,13 +457,13 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     from megatron_slung.parallel import state
 
     try:
-        return _run(args, device)
+        return _run(args, device, inputs)
     finally:
         if state.model_parallel_is_initialized():
             state.destroy_model_parallel()
 
 
-def _run(args, device) -> dict:
+def _run(args, device, inputs: CheckedInputs) -> dict:
     from megatron_slung.model.gpt import flops_per_token
 
     t0 = time.time()
@@ -423,7 +472,7 @@ def _run(args, device) -> dict:
                                                if args.load else (None, []))
     for line in args.load_notes:  # what --load adopted from the checkpoint, or its warning
         _print_status(line)
-    trainer = setup(args, device)
+    trainer = setup(args, device, inputs.tokenizer)
     engine = trainer.engine
     rank = dist.get_rank()
     _print_status(
@@ -432,9 +481,11 @@ def _run(args, device) -> dict:
         f"{_num_parameters_note(trainer.config)}, vocab {trainer.tokenizer.vocab_size} (padded "
         f"{args.padded_vocab_size}), global batch {args.global_batch_size} x {args.seq_length} tokens "
         f"(micro {args.micro_batch_size}, GAS {args.gradient_accumulation_steps}), ZeRO {args.zero_stage}, "
-        f"{args.params_dtype}, loss policy {args.risk_loss_policy!r}"
+        f"{args.params_dtype}, loss policy {args.risk_loss_policy!r}, {inputs.describe()}"
         + (", transformer layers compiled (--torch-compile)" if args.torch_compile else "")
     )
+    for prefix in inputs.without_risk if args.allow_missing_risk else ():
+        _print_status(f"note: {prefix} has no risk channel: its tokens train as level 0 (--allow-missing-risk)")
 
     iteration, consumed_train, consumed_valid = 0, 0, 0
     load_metadata = args.load_metadata
@@ -502,18 +553,23 @@ def _run(args, device) -> dict:
             iteration += 1
             consumed_train += args.global_batch_size
             step_stats = _stats_to_step(stats, lr, trainer.grad_norm, skipped) if stats is not None else None
-            bad = torch.tensor([1.0 if (step_stats is not None and not math.isfinite(step_stats.loss)) else 0.0])
+            # Loss (known where the stats are) and gradient norm: NaN/inf on any rank stops or skips on every rank.
+            bad = torch.tensor([float(step_stats is not None and not math.isfinite(step_stats.loss)),
+                                float(trainer.grad_nonfinite)])
             if dist.get_world_size() > 1:
                 bad = bad.to(_comm_device(trainer))
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item() > 0 and not args.skip_nan_steps:
+            loss_bad, grad_bad = bool(bad[0].item() > 0), bool(bad[1].item() > 0)
+            what = "the loss" if loss_bad else "the gradient norm" if grad_bad else None
+            if what and not args.skip_nan_steps:
                 where = f"; the last checkpoint is in {args.save} (iteration {last_saved})" if last_saved else ""
+                finite = "" if loss_bad else ", the loss is finite"
                 raise NonFiniteLossError(
-                    f"the loss is NaN/inf at iteration {iteration} (the update was not applied){where}. "
+                    f"{what} is NaN/inf at iteration {iteration}{finite} (the update was not applied){where}. "
                     "Lower --lr, check the data, or pass --skip-nan-steps to skip such steps."
                 )
-            if bad.item() > 0 and trainer.is_logging_rank:
-                logger.print(f"iteration {iteration}: loss is NaN/inf, update skipped (--skip-nan-steps)")
+            if what and trainer.is_logging_rank:
+                logger.print(f"iteration {iteration}: {what} is NaN/inf, update skipped (--skip-nan-steps)")
             if trainer.is_logging_rank and step_stats is not None:
                 logger.log_iteration(iteration, step_stats, consumed_train)
             if args.eval_interval and args.eval_iters > 0 and iteration % args.eval_interval == 0 and valid_ds is not None:
