@@ -90,7 +90,9 @@ def _plain_pieces(path: str, start: int, end: int | None, size: int):
 
 def _gzip_pieces(path: str, size: int):
     # A gzip file may hold several members; each ends with a CRC of its data, so a cut or a flipped bit
-    # is found (at the latest when its member ends).
+    # is found (at the latest when its member ends). An empty file is no gzip stream at all (gzip -t agrees).
+    if os.path.getsize(path) == 0:
+        raise DamagedStream("ends early", "the file is empty")
     with gzip.open(path, "rb") as f:
         while True:
             try:
