@@ -503,3 +503,39 @@ def test_kill_9_mid_run_then_rerun(tmp_path, sp_model, partitions):
     assert f"PID {proc.pid}, no longer running" in rerun.stderr
     assert sorted(os.listdir(out)) == sorted(os.path.basename(f) for f in files_of(out / "o"))
     assert load(out / "o").num_documents == 25000
+
+
+def test_a_dead_worker_or_partition_is_an_error_not_a_hang(tmp_path, sp_model):
+    """A worker killed mid-task (out of memory, say) used to leave the main process waiting forever."""
+    import subprocess
+    import sys
+
+    from tests.data_tools_fixtures import ROOT
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": f"doc {i}"} for i in range(200)])
+    script = f"""
+import os, signal
+from megatron_slung.data import preprocess as pp
+from megatron_slung.data.corpus import ordered_pool_map
+
+def die(x):
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+try:
+    list(ordered_pool_map(die, range(10), 2))
+except RuntimeError as e:
+    print("pool:", e)
+pp._partition_main = lambda *args: os._exit(3)
+try:
+    pp.preprocess({str(path)!r}, {str(tmp_path / "o")!r}, pp.PreprocessOptions(tokenizer_model={sp_model!r}),
+                  workers=2, partitions=2)
+except RuntimeError as e:
+    print("partition:", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert "pool: a worker process died before finishing its task" in proc.stdout, proc.stderr[-2000:]
+    assert "died with exit code 3 before finishing" in proc.stdout, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
