@@ -12,7 +12,8 @@
 Levels: 0 unlabelled, 1 benign, 2 ambiguous, 3 toxic, 4.. user classes. Each character takes the highest
 level any tagger gives it. Output records are the input records with the ``--risk-key`` field set (an
 object ``{key: spans}`` when there are several ``--json-keys``), in input order, whatever ``--workers``;
-the file appears only when everything succeeded. See megatron_slung/data/tagging.py for the rules.
+the file appears only when everything succeeded, compressed as its name says (``.gz``, ``.zst``). See
+megatron_slung/data/tagging.py for the rules and docs/data_tools.md for damaged inputs and killed runs.
 """
 
 import argparse

@@ -13,7 +13,9 @@ How the work is split, and why the output never depends on it:
   writes results strictly in input order, and keeps at most ``2 * workers + 2`` chunks in flight.
 - ``partitions`` > 1 cuts the input into that many contiguous byte ranges (at line boundaries; a
   compressed file is never cut), each processed by its own reader with ``workers // partitions``
-  workers into a temporary dataset; they are concatenated in order at the end.
+  workers into a temporary dataset in ``.PREFIX.partitions-PID`` (which no reader opens); they are
+  concatenated in order at the end. Partitions and workers end with the main process, even after
+  ``kill -9``, and the next run removes what a killed one left.
 - Harmfulness tags use random numbers keyed by (seed, input file number, line number), not by any
   process-local state.
 
