@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import re
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -351,14 +352,18 @@ def mp_context():
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
-def exit_with_parent(parent_pid: int) -> None:
+def exit_with_parent(parent_pid: int, parent_thread: int | None = None) -> None:
     """Make this (child) process end when ``parent_pid`` dies, even by ``kill -9``.
 
-    Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG). Elsewhere, a daemon
-    thread polls the parent id. Either way a parent that died before this call is caught at once.
+    Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG). That signal comes
+    when the *thread* that forked us ends, so it is used only when we were forked by ``parent_thread``
+    (None: any), a thread that outlives us; a pool's helper thread that replaces dead workers is not
+    one. Otherwise, and off Linux, a daemon thread polls the parent id. Either way a parent that died
+    before this call is caught at once.
     """
     armed = False
-    if sys.platform.startswith("linux"):
+    forked_by_parent_thread = parent_thread is None or threading.get_ident() == parent_thread  # fork keeps the id
+    if sys.platform.startswith("linux") and forked_by_parent_thread:
         try:
             import ctypes
             import signal
@@ -370,8 +375,6 @@ def exit_with_parent(parent_pid: int) -> None:
     if os.getppid() != parent_pid:  # the parent is already gone (we were re-parented)
         os._exit(1)
     if not armed:
-        import threading
-
         def watch():
             while os.getppid() == parent_pid:
                 time.sleep(0.5)
@@ -380,8 +383,8 @@ def exit_with_parent(parent_pid: int) -> None:
         threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _pool_worker_init(parent_pid, initializer, initargs):
-    exit_with_parent(parent_pid)
+def _pool_worker_init(parent_pid, parent_thread, initializer, initargs):
+    exit_with_parent(parent_pid, parent_thread)
     if initializer is not None:
         initializer(*initargs)
 
@@ -394,7 +397,7 @@ def ordered_pool_map(func, items, workers: int, initializer=None, initargs=()):
     process is killed, the workers end with it.
     """
     pool = mp_context().Pool(max(1, workers), initializer=_pool_worker_init,
-                             initargs=(os.getpid(), initializer, initargs))
+                             initargs=(os.getpid(), threading.get_ident(), initializer, initargs))
     started = {proc.pid for proc in pool._pool}
 
     def result(async_result):
