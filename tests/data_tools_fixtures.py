@@ -81,3 +81,39 @@ def hf_tokenizer_dir(tmp_path_factory, corpus_records):
     path = tmp_path_factory.mktemp("hf") / "tok"
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>").save_pretrained(path)
     return str(path)
+
+
+def zstd_block_ends(frame: bytes) -> list[int]:
+    """The offsets right after each block of a one-frame .zst (the frame format, RFC 8878 section 3.1.1)."""
+    import zstandard
+
+    pos = zstandard.frame_header_size(frame)
+    ends = []
+    while True:
+        header = int.from_bytes(frame[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        pos += 3 + (1 if kind == 1 else size)  # an RLE block stores one byte
+        ends.append(pos)
+        if last:
+            return ends
+
+
+def descendants(pid: int) -> list[int]:
+    """The PIDs of every live (non-zombie) descendant of ``pid``, from /proc (Linux)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -120,3 +120,34 @@ def test_command_line(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert contents(str(tmp_path / "ab"))[:2] == ([[1, 2], [3]], [[2, 2], [1]])
+
+
+def test_builder_removes_what_a_dead_run_left_and_keeps_a_live_ones(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    a, out = str(tmp_path / "a"), str(tmp_path / "out")
+    make(a, [[1, 2]])
+    left = [f"{out}.bin.partial-{dead.pid}", f"{out}.risk.idx.partial-{dead.pid}"]
+    live = f"{out}.bin.partial-{os.getppid()}"  # pytest's parent: alive
+    for path in left + [live]:
+        open(path, "w").write("x")
+    capsys.readouterr()
+    assert merge_datasets.main(["--input", a, "--output-prefix", out]) == 0
+    err = capsys.readouterr().err
+    assert f"removed what an earlier run (PID {dead.pid}, no longer running) left: {left[0]}, {left[1]}" in err
+    assert not any(os.path.exists(p) for p in left) and os.path.exists(live)
+
+
+def test_part_datasets_of_a_preprocessing_run_do_not_open(tmp_path, capsys):
+    """preprocess --partitions writes complete-looking part datasets into .PREFIX.partitions-PID; a run killed
+    there leaves them: no reader may take them for finished data."""
+    from megatron_slung.data.indexed_dataset import IndexedDatasetError, partitions_dir
+
+    parts = partitions_dir(str(tmp_path / "corpus"), pid=12345)
+    assert os.path.basename(parts) == ".corpus.partitions-12345"
+    make(os.path.join(parts, "part0_text"), [[1, 2, 3]])
+    with pytest.raises(IndexedDatasetError, match="temporary directory of a preprocessing run"):
+        IndexedDataset(os.path.join(parts, "part0_text"))
+    assert merge_datasets.main(["--input", parts, "--output-prefix", str(tmp_path / "m")]) == 1
+    assert "temporary directory of a preprocessing run" in capsys.readouterr().err
+    assert IndexedDataset(os.path.join(parts, "part0_text"), temporary_ok=True).num_tokens == 3

@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -19,10 +20,12 @@ from tests.data_tools_fixtures import (  # noqa: F401  (fixtures)
     MULTIBYTE_TEXTS,
     corpus_file,
     corpus_records,
+    descendants,
     hf_tokenizer_dir,
     run_tool,
     sp_model,
     write_jsonl,
+    zstd_block_ends,
 )
 
 SP = "SentencePieceTokenizer"
@@ -290,3 +293,249 @@ def test_ordered_pool_map_keeps_order_and_stops_its_workers():
                 if value > 10:
                     raise RuntimeError("consumer failed")
     assert mp.active_children() == []  # the pool was terminated, not left to the garbage collector
+
+
+# ---------------------------------------------------------------------------------------------------
+# Damaged compressed inputs: refused with the last good line, nothing written
+
+
+def _read_all(path):
+    from megatron_slung.data.corpus import read_chunks
+
+    return b"".join(chunk.data for chunk in read_chunks(str(path), chunk_bytes=1 << 14))
+
+
+def _good_lines(prefix: bytes) -> int:
+    return prefix.count(b"\n")
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_zstd_cut_at_every_block_boundary_is_refused(tmp_path, corpus_file, checksum):
+    """A frame cut at a block boundary decodes without any zstd error; the reader must still refuse it."""
+    import zstandard
+
+    raw = open(corpus_file, "rb").read()
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=checksum).compress(raw)
+    ends = zstd_block_ends(frame)
+    assert len(ends) >= 3  # several 128 KiB blocks
+    cuts = ends[:-1] + ([ends[-1], len(frame) - 2] if checksum else [])  # with a checksum: cut before/inside it
+    cuts += [0, 5, ends[0] - 100, ends[0] + 1]  # and a few cuts that are not at a boundary
+    for cut in cuts:
+        path = tmp_path / "cut.jsonl.zst"
+        path.write_bytes(frame[:cut])
+        decoded = zstandard.ZstdDecompressor().decompressobj().decompress(frame[:cut]) if cut else b""
+        assert raw.startswith(decoded)
+        with pytest.raises(InputError, match=f"compressed stream ends early after line {_good_lines(decoded)}\\b") as e:
+            _read_all(path)
+        assert str(e.value).startswith(f"{path}: ")
+    path.write_bytes(frame)
+    assert _read_all(path) == raw  # the whole frame reads whole
+
+
+def test_zstd_several_frames_and_bit_flip(tmp_path, corpus_file):
+    import zstandard
+
+    raw = open(corpus_file, "rb").read()
+    half = raw.index(b"\n", len(raw) // 2) + 1
+    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
+    two = cctx.compress(raw[:half]) + cctx.compress(raw[half:])  # what `cat a.zst b.zst` makes
+    path = tmp_path / "two.jsonl.zst"
+    path.write_bytes(two)
+    assert _read_all(path) == raw  # every frame, not only the first
+    path.write_bytes(two[:-1])
+    with pytest.raises(InputError, match="ends early"):
+        _read_all(path)
+    flipped = bytearray(cctx.compress(raw))
+    flipped[len(flipped) // 2] ^= 0x10
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(InputError, match=f"{path}: compressed stream is corrupt after line \\d+"):
+        _read_all(path)
+
+
+def test_gzip_cut_or_bit_flip_is_refused(tmp_path, corpus_file):
+    raw = open(corpus_file, "rb").read()
+    data = gzip.compress(raw)
+    path = tmp_path / "cut.jsonl.gz"
+    for cut in (0, 5, 30, len(data) // 3, len(data) // 2, len(data) - 8, len(data) - 1):  # -8: the CRC/size trailer
+        path.write_bytes(data[:cut])
+        with pytest.raises(InputError, match=f"{path}: compressed stream ends early after line \\d+"):
+            _read_all(path)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0x10
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(InputError, match=f"{path}: compressed stream is corrupt after line \\d+"):
+        _read_all(path)
+    path.write_bytes(data + data)  # several members: all read
+    assert _read_all(path) == raw + raw
+
+
+def test_truncated_plain_jsonl_last_line_is_an_error(tmp_path, sp_model):
+    """A plain file cut inside its last line: that line does not parse (a cut right at a newline is a
+    valid file and cannot be told)."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two words"})[:-4], encoding="utf-8")
+    with pytest.raises(InputError, match="malformed JSON") as err:
+        preprocess(str(path), str(tmp_path / "out"), PreprocessOptions(tokenizer_model=sp_model))
+    assert err.value.line == 2
+
+
+def test_damaged_input_stops_every_tool_and_leaves_nothing(tmp_path, sp_model, corpus_file):
+    """Cut at a block boundary (.zst) or anywhere (.gz): rc 1, one line naming the file, no output."""
+    import zstandard
+
+    raw = open(corpus_file, "rb").read()
+    frame = zstandard.ZstdCompressor(level=3).compress(raw)
+    gz = gzip.compress(raw)
+    (tmp_path / "in").mkdir()
+    damaged = {"cut.jsonl.zst": frame[: zstd_block_ends(frame)[1]], "cut.jsonl.gz": gz[: len(gz) // 2]}
+    for name, data in damaged.items():
+        path = tmp_path / "in" / name
+        path.write_bytes(data)
+        out = tmp_path / "out"
+        for tool, args in [("preprocess_data.py", ["--output-prefix", out / "o", "--tokenizer-type", SP,
+                                                   "--tokenizer-model", sp_model, "--workers", "2"]),
+                           ("tag_risk.py", ["--output", out / "t.jsonl", "--unit", "given"]),
+                           ("train_tokenizer.py", ["--output-prefix", out / "spm", "--vocab-size", "300"])]:
+            proc = run_tool(tool, "--input", path, *args, check=False)
+            assert proc.returncode == 1, (tool, proc.stderr[-2000:])
+            assert f"error: {path}: compressed stream ends early after line" in proc.stderr, (tool, proc.stderr)
+            assert "Traceback" not in proc.stderr
+            assert not out.exists() or os.listdir(out) == [], (tool, os.listdir(out))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lone surrogates, compressed outputs
+
+
+def test_lone_surrogate_is_an_error_naming_file_line_and_field(tmp_path, sp_model):
+    ok = json.dumps({"text": "emoji \ud83d\ude00 as an escaped pair is fine"})  # json.dumps escapes it: ASCII
+    assert "\\ud83d\\ude00" in ok
+    cases = [('{"text": "bad \\ud800 here"}', "text", "\\\\ud800"),
+             ('{"text": "fine", "meta": {"tags": ["x", "\\uDC01"]}}', "meta.tags[1]", "\\\\udc01")]
+    for bad, field, escape in cases:
+        path = tmp_path / "s.jsonl"
+        path.write_text(ok + "\n" + bad + "\n", encoding="utf-8")
+        with pytest.raises(InputError, match=f"field '{re.escape(field)}' holds a lone surrogate escape {escape}") as err:
+            preprocess(str(path), str(tmp_path / "out"), PreprocessOptions(tokenizer_model=sp_model), workers=2)
+        assert err.value.path == str(path) and err.value.line == 2
+        assert os.listdir(tmp_path) == ["s.jsonl"]
+    path.write_text(ok + "\n", encoding="utf-8")
+    summary = preprocess(str(path), str(tmp_path / "out"), PreprocessOptions(tokenizer_model=sp_model))
+    assert summary.records == 1
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_jsonl_writers_compress_as_the_final_name_says(tmp_path, suffix):
+    import zstandard
+
+    from megatron_slung.data.synthetic import write_jsonl as synthetic_jsonl
+
+    plain, packed = tmp_path / "s.jsonl", tmp_path / f"s.jsonl{suffix}"
+    assert synthetic_jsonl(str(plain), n_docs=50) == synthetic_jsonl(str(packed), n_docs=50) == 50
+    data = packed.read_bytes()
+    if suffix == ".gz":
+        assert gzip.decompress(data) == plain.read_bytes()
+    else:
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(data) == plain.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["s.jsonl", f"s.jsonl{suffix}"]  # no temporary left
+
+
+# ---------------------------------------------------------------------------------------------------
+# kill -9: workers end with the main process; the next run removes what it left
+
+
+def _wait_until(condition, what, limit=120.0):
+    import time
+
+    deadline = time.monotonic() + limit  # a bound against hanging, not a timing assertion
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting: {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_kill_9_mid_run_then_rerun(tmp_path, sp_model, partitions):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.data_tools_fixtures import ROOT, TOOLS
+
+    words = [f"w{i}" for i in range(3000)]
+    rng = np.random.default_rng(0)
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:  # ~25 MB: several seconds of work on 2 workers
+        for _ in range(25000):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, 150))}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, os.path.join(TOOLS, "preprocess_data.py"), "--input", str(path), "--output-prefix",
+           str(out / "o"), "--tokenizer-type", SP, "--tokenizer-model", sp_model, "--workers", "2",
+           "--partitions", str(partitions)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+    def partials():
+        return [f for f in glob.glob(str(out / "**" / "*.partial-*"), recursive=True) + glob.glob(str(out / ".*" / "*.partial-*"))
+                if os.path.getsize(f) > 0]
+
+    try:
+        _wait_until(lambda: partials() or proc.poll() is not None, "partial files")
+        assert proc.poll() is None, "the run ended before it could be killed: make the input bigger"
+        children = descendants(proc.pid)
+        assert len(children) >= 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _wait_until(lambda: not set(children) & set(descendants(1)), "the workers to exit")
+    finally:
+        for pid in descendants(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    left = sorted(os.listdir(out))
+    assert left and all(".partial-" in name or ".partitions-" in name for name in left), left
+    # No part dataset was finished after the kill (the partitions died with the main process)
+    assert not glob.glob(str(out / ".*" / "*.idx")), glob.glob(str(out / ".*" / "*"))
+    if partitions > 1:
+        with pytest.raises(Exception, match="temporary directory of a preprocessing run"):
+            IndexedDataset(os.path.join(out, left[0], "part0_text"))
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"PID {proc.pid}, no longer running" in rerun.stderr
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(f) for f in files_of(out / "o"))
+    assert load(out / "o").num_documents == 25000
+
+
+def test_a_dead_worker_or_partition_is_an_error_not_a_hang(tmp_path, sp_model):
+    """A worker killed mid-task (out of memory, say) used to leave the main process waiting forever."""
+    import subprocess
+    import sys
+
+    from tests.data_tools_fixtures import ROOT
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": f"doc {i}"} for i in range(200)])
+    script = f"""
+import os, signal
+from megatron_slung.data import preprocess as pp
+from megatron_slung.data.corpus import ordered_pool_map
+
+def die(x):
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+try:
+    list(ordered_pool_map(die, range(10), 2))
+except RuntimeError as e:
+    print("pool:", e)
+pp._partition_main = lambda *args: os._exit(3)
+try:
+    pp.preprocess({str(path)!r}, {str(tmp_path / "o")!r}, pp.PreprocessOptions(tokenizer_model={sp_model!r}),
+                  workers=2, partitions=2)
+except RuntimeError as e:
+    print("partition:", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert "pool: a worker process died before finishing its task" in proc.stdout, proc.stderr[-2000:]
+    assert "died with exit code 3 before finishing" in proc.stdout, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]

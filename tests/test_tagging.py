@@ -16,7 +16,7 @@ from megatron_slung.data.tagging import (
     merge_spans,
     split_sentences,
 )
-from tests.data_tools_fixtures import TOOLS, corpus_file, corpus_records, run_tool, write_jsonl  # noqa: F401
+from tests.data_tools_fixtures import TOOLS, corpus_file, corpus_records, run_tool, sp_model, write_jsonl  # noqa: F401
 
 
 def length_scorer(texts):
@@ -209,3 +209,59 @@ def test_tag_risk_with_hf_classifier_workers(tmp_path, tiny_classifier, corpus_r
     assert outs[0] == outs[1]
     levels = {lv for line in outs[0].decode().splitlines() for _, _, lv in json.loads(line)["risk_spans"]}
     assert levels <= {1, 2, 3} and levels
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_tag_risk_compressed_output_feeds_the_next_tool(tmp_path, corpus_file, sp_model, suffix):
+    """--output t.jsonl.gz used to be plain JSONL (the temporary name decided), which the next tool refused."""
+    import gzip
+
+    import zstandard
+
+    (tmp_path / "tox.txt").write_text("zorblax\nvexmorg\n")
+    common = ["--input", corpus_file, "--unit", "sentence", "--tagger", "lexicon", "--lexicon", f"3:{tmp_path}/tox.txt",
+              "--workers", "2"]
+    run_tool("tag_risk.py", *common, "--output", tmp_path / "t.jsonl")
+    run_tool("tag_risk.py", *common, "--output", tmp_path / f"t.jsonl{suffix}")
+    data = (tmp_path / f"t.jsonl{suffix}").read_bytes()
+    if suffix == ".gz":
+        decoded = gzip.decompress(data)
+    else:
+        decoded = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read()
+    assert decoded == (tmp_path / "t.jsonl").read_bytes()
+    # the next tool reads it and writes the same dataset as from the plain file
+    for name in ("t.jsonl", f"t.jsonl{suffix}"):
+        run_tool("preprocess_data.py", "--input", tmp_path / name, "--output-prefix", tmp_path / name.replace(".", "_"),
+                 "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model)
+    for ext in (".bin", ".idx", ".risk.bin", ".risk.idx"):
+        a = (tmp_path / f"t_jsonl_text_document{ext}").read_bytes()
+        assert a == (tmp_path / f"t_jsonl{suffix.replace('.', '_')}_text_document{ext}").read_bytes()
+    assert not list(tmp_path.glob("*.tmp-*"))
+    proc = run_tool("tag_risk.py", *common, "--output", tmp_path / "t.jsonl.xz", check=False)
+    assert proc.returncode == 1 and ".xz output is not supported" in proc.stderr
+    assert not list(tmp_path.glob("t.jsonl.xz*"))
+
+
+def test_tag_risk_lone_surrogate_names_file_and_line(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "cut emoji \\ud83d here"}\n', encoding="utf-8")
+    proc = run_tool("tag_risk.py", "--input", path, "--output", tmp_path / "o.jsonl", "--unit", "given", check=False)
+    assert proc.returncode == 1
+    assert f"{path}:2: field 'text' holds a lone surrogate escape \\ud83d at character 10" in proc.stderr, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["s.jsonl"]
+
+
+def test_tag_risk_removes_what_a_dead_run_left(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its PID is no longer running
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "x"}])
+    out = tmp_path / "o.jsonl.gz"
+    (tmp_path / f"o.jsonl.gz.tmp-{dead.pid}").write_text("half a file")
+    (tmp_path / f"o.jsonl.gz.tmp-{os.getpid()}").write_text("a live run's")  # this test process is alive
+    proc = run_tool("tag_risk.py", "--input", path, "--output", out, "--unit", "given")
+    assert f"removed what an earlier run (PID {dead.pid}, no longer running) left" in proc.stderr
+    assert f"process {os.getpid()} is still running" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "o.jsonl.gz", f"o.jsonl.gz.tmp-{os.getpid()}"]

@@ -64,9 +64,7 @@ def prepare(args) -> tuple[str, str]:
     corpus = os.path.join(args.work_dir, f"corpus_{args.size_mb}mb_seed{args.seed}.jsonl")
     if not os.path.exists(corpus):
         print(f"[bench] generating {corpus} (~{args.size_mb} MB)", file=sys.stderr, flush=True)
-        tmp = corpus + ".tmp"
-        n = write_jsonl(tmp, target_bytes=int(args.size_mb * 1e6), seed=args.seed, risk_spans=True)
-        os.replace(tmp, corpus)
+        n = write_jsonl(corpus, target_bytes=int(args.size_mb * 1e6), seed=args.seed, risk_spans=True)  # atomic
         print(f"[bench] {n} documents", file=sys.stderr, flush=True)
     model = args.tokenizer_model
     if model is None:

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
-from megatron_slung.data.corpus import InputError  # noqa: E402
+from megatron_slung.data.corpus import InputError, atomic_output  # noqa: E402
 from megatron_slung.data.preprocess import PreprocessOptions, preprocess, print_summary  # noqa: E402
 from megatron_slung.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         return 1
     print_summary(summary)
     if args.summary_json:
-        with open(args.summary_json, "w") as f:
+        with atomic_output(args.summary_json) as tmp, open(tmp, "w") as f:
             json.dump(summary.to_dict(), f, indent=1)
     return 0
 

@@ -12,13 +12,13 @@
 Levels: 0 unlabelled, 1 benign, 2 ambiguous, 3 toxic, 4.. user classes. Each character takes the highest
 level any tagger gives it. Output records are the input records with the ``--risk-key`` field set (an
 object ``{key: spans}`` when there are several ``--json-keys``), in input order, whatever ``--workers``;
-the file appears only when everything succeeded. See megatron_slung/data/tagging.py for the rules.
+the file appears only when everything succeeded, compressed as its name says (``.gz``, ``.zst``). See
+megatron_slung/data/tagging.py for the rules and docs/data_tools.md for damaged inputs and killed runs.
 """
 
 import argparse
 import collections
 import contextlib
-import gzip
 import json
 import os
 import sys
@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 from megatron_slung.data.corpus import (  # noqa: E402
     InputError,
     Progress,
-    atomic_output,
+    atomic_text_output,
+    check_output_name,
     expand_inputs,
     get_text,
     is_compressed,
@@ -171,15 +172,10 @@ def _tag(chunk):
     return _TAGGER.tag_chunk(chunk)
 
 
-def _open_output(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "wt", encoding="utf-8")
-    return open(path, "w", encoding="utf-8")
-
-
 def run(inputs, output: str, config: TagConfig, workers: int = 1, log_interval: int = 1000,
         chunk_bytes: int = 1 << 18) -> dict:
     files = expand_inputs(inputs)
+    check_output_name(output)
     config.check()  # fail early on bad flags, missing word lists or scorers
     total = None if any(is_compressed(p) for p in files) else sum(os.path.getsize(p) for p in files)
     progress = Progress(log_interval, total)
@@ -187,7 +183,7 @@ def run(inputs, output: str, config: TagConfig, workers: int = 1, log_interval: 
     start = time.perf_counter()
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
-    with atomic_output(output) as tmp, _open_output(tmp) as out:
+    with atomic_text_output(output) as out:
         chunks = (chunk for file_index, path in enumerate(files) for chunk in read_chunks(path, file_index, chunk_bytes))
         with contextlib.closing(ordered_pool_map(_tag, chunks, workers, initializer=_init,
                                                  initargs=(config,))) as results:
@@ -205,7 +201,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, nargs="+", help="JSONL files or globs (.jsonl/.json, .gz/.zst)")
-    p.add_argument("--output", required=True, help="output JSONL (.gz to compress)")
+    p.add_argument("--output", required=True, help="output JSONL (.gz or .zst: compressed so)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose text is tagged")
     p.add_argument("--risk-key", default="risk_spans", help="field written (and read, for --unit given)")
     p.add_argument("--unit", choices=UNITS, default="sentence",

@@ -37,6 +37,7 @@ from megatron_slung.data.corpus import (  # noqa: E402
     iter_records,
     read_chunks,
 )
+from megatron_slung.data.leftovers import remove_leftovers  # noqa: E402
 from megatron_slung.data.tokenizers import EOD_TOKEN, HARM_TAG_TOKEN, PAD_TOKEN  # noqa: E402
 
 
@@ -148,6 +149,7 @@ def export_hf(model_path: str, out_dir: str, check_texts, eod_token: str, pad_to
             raise ValueError(f"--hf-export: the Hugging Face tokenizer differs from SentencePiece on {text[:60]!r}")
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=sp.id_to_piece(sp.unk_id()),
                                  bos_token=sp.id_to_piece(sp.bos_id()), eos_token=eod_token, pad_token=pad_token)
+    remove_leftovers([out_dir.rstrip("/") + ".tmp-"])  # what a killed earlier export left
     tmp = out_dir.rstrip("/") + f".tmp-{os.getpid()}"
     hf.save_pretrained(tmp)
     if os.path.isdir(out_dir):

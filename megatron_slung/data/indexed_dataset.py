@@ -28,11 +28,14 @@ token ``.idx`` last, so an interrupted build never leaves a dataset that opens.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 from array import array
 
 import numpy as np
+
+from megatron_slung.data.leftovers import claim, release, remove_leftovers
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -74,6 +77,22 @@ def risk_prefix(prefix: str) -> str:
 def dataset_exists(prefix: str) -> bool:
     """True when ``PREFIX.idx`` and ``PREFIX.bin`` both exist (the risk channel is optional)."""
     return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
+
+
+# preprocess --partitions writes its part datasets into ``.PREFIX.partitions-PID``: complete-looking
+# datasets that are not finished data. Readers refuse them (only the concatenation step may open them).
+_TEMPORARY_DIR = re.compile(r"^\..+\.partitions-\d+$")
+
+
+def partitions_dir(output_prefix: str, pid: int | str | None = None) -> str:
+    """The temporary directory of preprocess's part datasets for ``output_prefix``, written by process
+    ``pid`` (default: this one; ``""`` gives the name without a PID)."""
+    parent, base = os.path.split(os.path.abspath(output_prefix))
+    return os.path.join(parent, f".{base}.partitions-{os.getpid() if pid is None else pid}")
+
+
+def in_temporary_dir(prefix: str) -> bool:
+    return bool(_TEMPORARY_DIR.match(os.path.basename(os.path.dirname(os.path.abspath(prefix)))))
 
 
 def has_risk_channel(prefix: str) -> bool:
@@ -196,8 +215,11 @@ class IndexedDataset:
     ``document_offsets`` gives each document's first token).
     """
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, *, temporary_ok: bool = False):
         self.prefix = str(prefix)
+        if not temporary_ok and in_temporary_dir(self.prefix):
+            raise IndexedDatasetError(f"{prefix}: a part dataset inside the temporary directory of a preprocessing "
+                                      "run (finished or killed), not a finished dataset; use that run's output")
         self._open()
 
     def _open(self):
@@ -410,6 +432,12 @@ class IndexedDatasetBuilder:
         self._temps = {path: _temp_name(path) for path in self._finals}
         parent = os.path.dirname(os.path.abspath(self.prefix))
         os.makedirs(parent, exist_ok=True)
+        # What a killed earlier build of this prefix left (its PID is gone) is removed, with a note.
+        every = [bin_path(self.prefix), idx_path(self.prefix), bin_path(risk_prefix(self.prefix)),
+                 idx_path(risk_prefix(self.prefix))]
+        remove_leftovers([f"{path}.partial-" for path in every])
+        for temp in self._temps.values():
+            claim(temp)
         self._state = "open"
         self._bin = open(self._temps[bin_path(self.prefix)], "wb", buffering=1 << 20)
         self._risk = None
@@ -526,11 +554,12 @@ class IndexedDatasetBuilder:
         self._doc_indices.extend(range(base + 1, base + len(lengths) + 1))
         self.num_tokens += len(arr)
 
-    def add_index(self, other_prefix: str) -> None:
+    def add_index(self, other_prefix: str, *, temporary_ok: bool = False) -> None:
         """Append a whole finished dataset (tokens and, if this builder has one, risk) by copying its files.
-        A source without a risk channel contributes level-0 risk."""
+        A source without a risk channel contributes level-0 risk. ``temporary_ok``: the source may be a
+        part dataset of a preprocessing run (see ``in_temporary_dir``)."""
         self._check_open()
-        other = IndexedDataset(other_prefix)
+        other = IndexedDataset(other_prefix, temporary_ok=temporary_ok)
         if other.dtype != self.dtype:
             raise IndexedDatasetError(
                 f"{idx_path(other_prefix)}: token dtype {other.dtype} differs from this dataset's {self.dtype} "
@@ -587,6 +616,8 @@ class IndexedDatasetBuilder:
                 os.replace(self._temps[final], final)
         os.replace(self._temps[idx_path(self.prefix)], idx_path(self.prefix))
         self._state = "finalized"
+        for temp in self._temps.values():
+            release(temp)
 
     def abort(self) -> None:
         """Close and delete the temporary files; nothing is left under the final names."""
@@ -599,3 +630,4 @@ class IndexedDatasetBuilder:
         for temp in self._temps.values():
             if os.path.exists(temp):
                 os.remove(temp)
+            release(temp)

@@ -13,7 +13,9 @@ How the work is split, and why the output never depends on it:
   writes results strictly in input order, and keeps at most ``2 * workers + 2`` chunks in flight.
 - ``partitions`` > 1 cuts the input into that many contiguous byte ranges (at line boundaries; a
   compressed file is never cut), each processed by its own reader with ``workers // partitions``
-  workers into a temporary dataset; they are concatenated in order at the end.
+  workers into a temporary dataset in ``.PREFIX.partitions-PID`` (which no reader opens); they are
+  concatenated in order at the end. Partitions and workers end with the main process, even after
+  ``kill -9``, and the next run removes what a killed one left.
 - Harmfulness tags use random numbers keyed by (seed, input file number, line number), not by any
   process-local state.
 
@@ -29,7 +31,6 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -39,6 +40,7 @@ from megatron_slung.data.corpus import (
     Chunk,
     InputError,
     Progress,
+    exit_with_parent,
     expand_inputs,
     get_text,
     is_compressed,
@@ -47,7 +49,8 @@ from megatron_slung.data.corpus import (
     ordered_pool_map,
     read_chunks,
 )
-from megatron_slung.data.indexed_dataset import IndexedDatasetBuilder, token_dtype
+from megatron_slung.data.indexed_dataset import IndexedDatasetBuilder, partitions_dir, token_dtype
+from megatron_slung.data.leftovers import claim, release, remove_leftovers
 from megatron_slung.data.risk import check_level, level_name
 from megatron_slung.data.risk_spans import insert_harm_tags_flat, normalize_spans, token_levels_flat
 from megatron_slung.data.tokenizers import build_tokenizer
@@ -362,7 +365,8 @@ def _encode_segments(segments, opts: PreprocessOptions, workers: int, prefixes: 
     return summary
 
 
-def _partition_main(index, segments, opts, workers, prefixes, vocab_size, queue) -> None:
+def _partition_main(index, segments, opts, workers, prefixes, vocab_size, queue, parent_pid) -> None:
+    exit_with_parent(parent_pid)  # a killed main process takes its partitions (and their workers) with it
     try:
         summary = _encode_segments(segments, opts, workers, prefixes, vocab_size, f" [partition {index}]")
         queue.put((index, "ok", summary))
@@ -400,22 +404,25 @@ def preprocess(inputs, output_prefix: str, opts: PreprocessOptions, workers: int
 
 def _preprocess_partitioned(files, opts, workers, partitions, finals, vocab_size, output_prefix) -> Summary:
     shares = [s for s in plan_partitions(files, partitions) if s]
-    parent = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(parent, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}.partitions-", dir=parent)
+    # The part datasets go to .PREFIX.partitions-PID: readers refuse to load from there, and a later run
+    # removes the directory if this process is killed (kill -9 leaves no chance to clean up).
+    tmpdir = partitions_dir(output_prefix)
+    remove_leftovers([partitions_dir(output_prefix, pid="")])
+    os.makedirs(claim(tmpdir))
+    procs = []
     try:
         ctx = mp_context()
         queue = ctx.Queue()
-        procs = []
         part_prefixes = []
         per = max(1, workers // partitions)
         for p, segments in enumerate(shares):
             prefixes = {key: os.path.join(tmpdir, f"part{p}_{key}") for key in opts.json_keys}
             part_prefixes.append(prefixes)
-            proc = ctx.Process(target=_partition_main, args=(p, segments, opts, per, prefixes, vocab_size, queue))
+            proc = ctx.Process(target=_partition_main,
+                               args=(p, segments, opts, per, prefixes, vocab_size, queue, os.getpid()))
             proc.start()
             procs.append(proc)
-        results = sorted((queue.get() for _ in procs), key=lambda r: r[0])  # partition order: first bad line wins
+        results = _partition_results(queue, procs)
         for proc in procs:
             proc.join()
         for _, status, payload in results:
@@ -429,11 +436,41 @@ def _preprocess_partitioned(files, opts, workers, partitions, finals, vocab_size
         for key in opts.json_keys:
             with IndexedDatasetBuilder(finals[key], vocab_size=vocab_size, with_risk=True) as builder:
                 for prefixes in part_prefixes:
-                    builder.add_index(prefixes[key])
+                    builder.add_index(prefixes[key], temporary_ok=True)
             summary.keys[key].risk_counts = builder.risk_counts.tolist()
         return summary
     finally:
+        for proc in procs:  # after an error: stop the partitions still running
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
         shutil.rmtree(tmpdir, ignore_errors=True)
+        release(tmpdir)
+
+
+def _partition_results(queue, procs) -> list:
+    """Every partition's (index, status, payload), in partition order (the first bad line wins).
+
+    A partition process that dies without reporting (killed, out of memory) is an error, not a hang.
+    """
+    import queue as queue_module
+
+    results = {}
+    while len(results) < len(procs):
+        try:
+            index, status, payload = queue.get(timeout=1.0)
+            results[index] = (index, status, payload)
+        except queue_module.Empty:
+            for p, proc in enumerate(procs):
+                if p not in results and proc.exitcode is not None:
+                    try:  # it may have reported just before exiting
+                        index, status, payload = queue.get(timeout=1.0)
+                        results[index] = (index, status, payload)
+                        break
+                    except queue_module.Empty:
+                        raise RuntimeError(f"partition {p} (PID {proc.pid}) died with exit code {proc.exitcode} "
+                                           "before finishing (killed? out of memory?)") from None
+    return [results[p] for p in sorted(results)]
 
 
 def print_summary(summary: Summary, stream=None) -> None:

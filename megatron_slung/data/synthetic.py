@@ -115,8 +115,10 @@ def write_jsonl(path: str, n_docs: int | None = None, target_bytes: int | None =
         from megatron_slung.data.tagging import LexiconTagger, RiskTagger
 
         tagger = RiskTagger("sentence", [LexiconTagger({2: flagged_words(2), 3: flagged_words(3)})])
+    from megatron_slung.data.corpus import atomic_text_output
+
     written = size = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_text_output(path) as f:  # compressed as the name says; appears only when complete
         while (n_docs is not None and written < n_docs) or (target_bytes is not None and size < target_bytes):
             doc = corpus.document(written)
             if tagger is not None:
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     import os
 
     p = argparse.ArgumentParser(description="Write a seeded synthetic JSONL corpus (and the word lists it plants).")
-    p.add_argument("--output", required=True, help="the JSONL file to write")
+    p.add_argument("--output", required=True, help="the JSONL file to write (.gz/.zst: compressed)")
     p.add_argument("--docs", type=int, default=None, help="number of documents")
     p.add_argument("--size-mb", type=float, default=None, help="or: about this many MB")
     p.add_argument("--seed", type=int, default=1234)
@@ -144,10 +146,8 @@ def main(argv=None) -> int:
     if (args.docs is None) == (args.size_mb is None):
         p.error("give --docs or --size-mb")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
-    n = write_jsonl(tmp, n_docs=args.docs, target_bytes=None if args.size_mb is None else int(args.size_mb * 1e6),
+    n = write_jsonl(args.output, n_docs=args.docs, target_bytes=None if args.size_mb is None else int(args.size_mb * 1e6),
                     seed=args.seed, risk_spans=args.risk_spans)
-    os.replace(tmp, args.output)
     if args.word_lists:
         os.makedirs(args.word_lists, exist_ok=True)
         for name, words in (("toxic", flagged_words(3)), ("ambiguous", flagged_words(2)), ("names", person_names())):
