@@ -103,6 +103,9 @@ def masked_cross_entropy_reference(
     level = risk.long()
     mode = policy.mode_tensor(x.device).long()[level]
     weight = policy.weight_tensor(x.device).to(x.dtype)[level]
+    carries = valid & (mode != int(LossMode.IGNORE))
+    # rows that carry no loss pass no gradient at all (not even 0 * NaN from their logits)
+    x = torch.where(carries[:, None], x, x.detach())
 
     lse = torch.logsumexp(x, dim=-1)
     target = x.gather(1, safe_labels[:, None]).squeeze(1)
@@ -121,7 +124,6 @@ def masked_cross_entropy_reference(
     base = torch.where(mode == int(LossMode.UNLIKELIHOOD), unlikelihood, ce_smoothed)
     if z_loss:
         base = base + z_loss * lse * lse
-    carries = valid & (mode != int(LossMode.IGNORE))
     per_token = torch.where(carries, weight * base, torch.zeros_like(base))
     # a NaN or +inf logit: no softmax (logsumexp would give inf, and inf - x_t is not NaN)
     non_finite = (torch.isnan(x) | (x == float("inf"))).any(dim=-1)
