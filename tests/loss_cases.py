@@ -4,8 +4,8 @@ near_one(): rows whose 1 - p(target) is set from 0.1 down to 1e-7 (V = 32000 by 
 spread over [shift - 1, shift]), at constant shifts 0, 40, -40 and 1000, each once as a ce row (risk 0) and
 once as an unlikelihood row (risk 3). Exact values come from the float64 reference on the same input.
 
-non_finite(): for each case (NaN first / inside the second 2048-element chunk / last / a whole chunk / at
-the target, +inf, +inf at the target, and the legitimate -inf, one column or a whole chunk) one row per
+non_finite(): for each case (NaN first / inside the second 2048-element chunk / last / the whole first or
+second chunk / at the target, +inf, +inf at the target, and the legitimate -inf, one column or a whole chunk) one row per
 kind: ce (risk 0), unlikelihood (risk 3), ignore (risk 2) and label == ignore_index.
 """
 
@@ -45,6 +45,7 @@ def non_finite_cases(v):
     """name -> (columns, value, the row has no softmax)."""
     return {
         "nan_first": ([0], NAN, True),
+        "nan_first_chunk": (list(range(0, 2048)), NAN, True),  # (on CUDA: every thread's first pack)
         "nan_second_chunk": ([2048 + 77], NAN, True),
         "nan_last": ([v - 1], NAN, True),
         "nan_whole_chunk": (list(range(2048, 4096)), NAN, True),
