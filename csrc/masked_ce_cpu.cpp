@@ -51,14 +51,14 @@ struct StatsArgs {
   const void* x;
   int64_t V, x_stride;
   const int64_t* target;  // local column of the target, -1 when not in this shard
-  void *m, *s, *xt, *sx;
+  void *m, *s, *q, *xt, *sx;
 };
 
 struct GradArgs {
   const void* x;
   int64_t V, x_stride;
   const int64_t* target;
-  const void *lse, *a, *b, *c;
+  const void *lse, *a, *gt, *c;
   void* grad;
   int64_t grad_stride;
 };
@@ -178,7 +178,7 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor&
                                      const at::Tensor& modes, const at::Tensor& weights, int64_t ignore_index,
                                      const Options& opt, bool compute_grad, bool inplace, int64_t variant);
 std::vector<at::Tensor> row_stats_cuda(const at::Tensor& logits, const at::Tensor& target);
-at::Tensor grad_cuda(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& a, const at::Tensor& b,
+at::Tensor grad_cuda(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& a, const at::Tensor& gt,
                      const at::Tensor& c, const at::Tensor& target, at::Tensor out);
 std::vector<at::Tensor> level_stats_cuda(const at::Tensor& per_token, const at::Tensor& ce, const at::Tensor& kind,
                                          const at::Tensor& risk);
@@ -238,7 +238,8 @@ std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& labe
   return {per_token, ce, kind, compute_grad ? grad : at::Tensor()};
 }
 
-// Returns (m, s, xt, sx), each [N] acc: row max, sum exp(x - m), target logit (0 if target < 0), sum x.
+// Returns (m, s, q, xt, sx), each [N] acc: row max, sum exp(x - m), the same sum without the target column
+// (= s when target < 0), target logit (0 if target < 0), sum x.
 std::vector<at::Tensor> row_stats(const at::Tensor& logits, const at::Tensor& target) {
   check_logits(logits);
   check_vector(target, logits, at::kLong, "target");
@@ -249,35 +250,37 @@ std::vector<at::Tensor> row_stats(const at::Tensor& logits, const at::Tensor& ta
     TORCH_CHECK(t[i] < V && t[i] >= -1, "masked_ce: target column ", t[i], " at row ", i, " is outside [-1, ", V, ")");
   }
   auto opts = logits.options().dtype(acc_type(logits));
-  at::Tensor m = at::empty({N}, opts), s = at::empty({N}, opts), xt = at::empty({N}, opts), sx = at::empty({N}, opts);
-  StatsArgs p{logits.data_ptr(), V, logits.stride(0), t, m.data_ptr(), s.data_ptr(), xt.data_ptr(), sx.data_ptr()};
+  at::Tensor m = at::empty({N}, opts), s = at::empty({N}, opts), q = at::empty({N}, opts), xt = at::empty({N}, opts),
+             sx = at::empty({N}, opts);
+  StatsArgs p{logits.data_ptr(), V, logits.stride(0), t, m.data_ptr(), s.data_ptr(), q.data_ptr(), xt.data_ptr(),
+              sx.data_ptr()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "masked_ce_row_stats_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
       run_stats_rows<scalar_t, acc_t>(p, begin, end);
     });
   });
-  return {m, s, xt, sx};
+  return {m, s, q, xt, sx};
 }
 
-// grad = a * exp(x - lse) + c, minus b at the target column; into `out` (may be the logits) or a new tensor.
-at::Tensor grad(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& a, const at::Tensor& b,
+// grad = a * exp(x - lse) + c, and gt at the target column; into `out` (may be the logits) or a new tensor.
+at::Tensor grad(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& a, const at::Tensor& gt,
                 const at::Tensor& c, const at::Tensor& target, c10::optional<at::Tensor> out_opt) {
   check_logits(logits);
   const auto acc = acc_type(logits);
   check_vector(lse, logits, acc, "lse");
   check_vector(a, logits, acc, "a");
-  check_vector(b, logits, acc, "b");
+  check_vector(gt, logits, acc, "gt");
   check_vector(c, logits, acc, "c");
   check_vector(target, logits, at::kLong, "target");
   at::Tensor out = out_opt.has_value() ? *out_opt : new_grad_buffer(logits);
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() && out.stride(1) == 1 &&
                   out.device() == logits.device(),
               "masked_ce: out must be like the logits");
-  SLUNG_CUDA_OR_FAIL(grad_cuda(logits, lse, a, b, c, target, out));
+  SLUNG_CUDA_OR_FAIL(grad_cuda(logits, lse, a, gt, c, target, out));
   const int64_t N = logits.size(0), V = logits.size(1);
   GradArgs p{logits.data_ptr(), V, logits.stride(0), target.data_ptr<int64_t>(), lse.data_ptr(), a.data_ptr(),
-             b.data_ptr(), c.data_ptr(), out.data_ptr(), out.stride(0)};
+             gt.data_ptr(), c.data_ptr(), out.data_ptr(), out.stride(0)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "masked_ce_grad_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
@@ -340,10 +343,12 @@ void register_masked_ce(pybind11::module_& m) {
         py::arg("logits"), py::arg("labels"), py::arg("risk"), py::arg("modes"), py::arg("weights"),
         py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("unlikelihood_eps"),
         py::arg("compute_grad"), py::arg("inplace"), py::arg("variant") = 0);
-  m.def("masked_ce_row_stats", &row_stats, "Per-row (max, sum exp(x - max), target logit, sum x) of a vocab shard",
+  m.def("masked_ce_row_stats", &row_stats,
+        "Per-row (max, sum exp(x - max), the same without the target, target logit, sum x) of a vocab shard",
         py::arg("logits"), py::arg("target"));
-  m.def("masked_ce_grad", &grad, "Gradient a * exp(x - lse) + c - b [j == target] of each row", py::arg("logits"),
-        py::arg("lse"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("target"), py::arg("out") = py::none());
+  m.def("masked_ce_grad", &grad, "Gradient a * exp(x - lse) + c of each row, gt at the target column",
+        py::arg("logits"), py::arg("lse"), py::arg("a"), py::arg("gt"), py::arg("c"), py::arg("target"),
+        py::arg("out") = py::none());
   m.def("masked_ce_level_stats", &level_stats,
         "(loss_sum, num_tokens, level_count, level_ce_sum) from per-token results, in a fixed order",
         py::arg("per_token"), py::arg("ce"), py::arg("kind"), py::arg("risk"));

@@ -1,10 +1,11 @@
 // Fused masked cross-entropy on CUDA: the algorithm of masked_ce_cpu.cpp, one row per thread block.
 //
 // Pass 1 reads the row with 16-byte loads, each thread keeping an online softmax (running max and sum of
-// exponentials) and the sum of the logits; a warp-shuffle + shared-memory tree combines the threads in a
-// fixed order. finish_row (masked_ce.h) turns lse, the target logit and the sum into the loss and the
-// gradient coefficients a, b, c; pass 2 writes g = a * exp(x - lse) + c (minus b at the target) with
-// 16-byte streaming stores. The "cached" variants keep the first part of the row in shared memory during
+// exponentials) over the columns other than the target, and the sum of all the logits; a warp-shuffle +
+// shared-memory tree combines the threads in a fixed order, and the target's own term is folded in after
+// (fold_target), so the non-target mass q is summed on its own. finish_row (masked_ce.h) turns these into the
+// loss and the gradient coefficients a, gt, c; pass 2 writes g = a * exp(x - lse) + c (gt at the target)
+// with 16-byte streaming stores. The "cached" variants keep the first part of the row in shared memory during
 // pass 1 so that pass 2 reads it from there instead of from L2/HBM; the "stream" variants re-read the row
 // (usually from L2). Results are deterministic: every row is reduced by one block in a fixed order, the
 // per-level statistics by a separate kernel in a fixed order, and nothing uses floating-point atomics.
@@ -93,10 +94,11 @@ __device__ __forceinline__ void merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
   m = mn;
 }
 
+// sx takes every column; (m, s) every column but the target (its term is folded in after the reduction).
 template <typename acc_t>
-__device__ __forceinline__ void add_value(acc_t& m, acc_t& s, acc_t& sx, acc_t v) {
+__device__ __forceinline__ void add_value(acc_t& m, acc_t& s, acc_t& sx, acc_t v, bool is_target) {
   sx += v;
-  if (v == -std::numeric_limits<acc_t>::infinity()) return;  // adds nothing (and no NaN while m is -inf)
+  if (is_target || v == -std::numeric_limits<acc_t>::infinity()) return;  // (no NaN while m is -inf)
   if (v > m) {
     s = s * fast_exp(m - v) + acc_t(1);
     m = v;
@@ -142,9 +144,12 @@ __device__ RowStats<acc_t> block_reduce(RowStats<acc_t> st) {
   return result;
 }
 
-// Pass 1 over one row. CACHE: the row's first cache_vecs packs also go to shared memory.
+// Pass 1 over one row: (m, s) over the columns other than t (t < 0: all of them), sx over all of them.
+// A NaN is skipped by the max (a thread whose first pack is all NaN skips it for s, too) but always makes sx
+// NaN, which finish_row treats as a non-finite row. CACHE: the row's first cache_vecs packs also go to
+// shared memory.
 template <typename T, int VEC, int THREADS, int UNROLL, bool CACHE>
-__device__ RowStats<typename AccOf<T>::type> row_pass1(const T* x, int64_t V, Pack<T, VEC>* cache,
+__device__ RowStats<typename AccOf<T>::type> row_pass1(const T* x, int64_t V, int64_t t, Pack<T, VEC>* cache,
                                                         int64_t cache_vecs) {
   using acc_t = typename AccOf<T>::type;
   RowStats<acc_t> st{-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
@@ -152,18 +157,22 @@ __device__ RowStats<typename AccOf<T>::type> row_pass1(const T* x, int64_t V, Pa
   const int64_t nvec = (V - head) / VEC;
   const int64_t tail = head + nvec * VEC;
   const int tid = threadIdx.x;
-  if (tid < head) add_value(st.m, st.s, st.sx, acc_t(x[tid]));
-  for (int64_t j = tail + tid; j < V; j += THREADS) add_value(st.m, st.s, st.sx, acc_t(x[j]));
+  if (tid < head) add_value(st.m, st.s, st.sx, acc_t(x[tid]), tid == t);
+  for (int64_t j = tail + tid; j < V; j += THREADS) add_value(st.m, st.s, st.sx, acc_t(x[j]), j == t);
   const T* xv = x + head;
+  const int64_t t_vec = t >= head ? (t - head) / VEC : -1;  // the pack and lane of the target, if any
+  const int t_lane = t >= head ? int((t - head) % VEC) : -1;
 
-  auto consume = [&](const Pack<T, VEC>& p) {
+  auto consume = [&](int64_t kk, const Pack<T, VEC>& p) {
     acc_t v[VEC];
     acc_t vmax = -std::numeric_limits<acc_t>::infinity();
+    const bool has_t = kk == t_vec;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      v[e] = acc_t(p.v[e]);
+      const acc_t xe = acc_t(p.v[e]);
+      st.sx += xe;
+      v[e] = (has_t && e == t_lane) ? -std::numeric_limits<acc_t>::infinity() : xe;  // the target: folded in after
       vmax = v[e] > vmax ? v[e] : vmax;
-      st.sx += v[e];
     }
     if (vmax > st.m) {  // rare after the first packs: rescale the running sum once per pack
       st.s *= fast_exp(st.m - vmax);
@@ -185,21 +194,35 @@ __device__ RowStats<typename AccOf<T>::type> row_pass1(const T* x, int64_t V, Pa
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       if (CACHE && k + u * THREADS < cache_vecs) cache[k + u * THREADS] = p[u];
-      consume(p[u]);
+      consume(k + u * THREADS, p[u]);
     }
   }
   for (; k < nvec; k += THREADS) {
     const Pack<T, VEC> p = load_pack<T, VEC>(xv + k * VEC, (CACHE && k < cache_vecs) ? kLast : kKeep);
     if (CACHE && k < cache_vecs) cache[k] = p;
-    consume(p);
+    consume(k, p);
   }
   return block_reduce<acc_t, THREADS>(st);
 }
 
-// Pass 2: g = a * exp(x - lse) + c, minus b at column t (t < 0: no target in this row or shard).
+// From pass 1's (m, s) over the columns other than the target and the target logit xt: (m, s) over every
+// column and q, the non-target mass relative to the new m (has_t false: no target here, q = s).
+template <typename acc_t>
+__device__ __forceinline__ void fold_target(acc_t& m, acc_t& s, acc_t& q, acc_t xt, bool has_t) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  q = s;
+  if (!has_t) return;
+  const acc_t mt = xt > m ? xt : m;
+  if (mt == neg_inf) return;  // every column is -inf
+  q = m == neg_inf ? acc_t(0) : q * m_exp(m - mt);
+  s = q + (xt == neg_inf ? acc_t(0) : m_exp(xt - mt));
+  m = mt;
+}
+
+// Pass 2: g = a * exp(x - lse) + c, and gt at column t (t < 0: no target in this row or shard).
 template <typename T, int VEC, int THREADS, int UNROLL, bool CACHE>
 __device__ void row_pass2(const T* x, T* g, int64_t V, typename AccOf<T>::type lse, typename AccOf<T>::type a,
-                          typename AccOf<T>::type b, typename AccOf<T>::type c, int64_t t,
+                          typename AccOf<T>::type gt, typename AccOf<T>::type c, int64_t t,
                           const Pack<T, VEC>* cache, int64_t cache_vecs) {
   using acc_t = typename AccOf<T>::type;
   const int64_t head = row_head<T, VEC>(x, V);
@@ -208,7 +231,7 @@ __device__ void row_pass2(const T* x, T* g, int64_t V, typename AccOf<T>::type l
   const int tid = threadIdx.x;
   auto scalar = [&](int64_t j) {
     acc_t r = a * fast_exp(acc_t(x[j]) - lse) + c;
-    if (j == t) r -= b;
+    if (j == t) r = gt;
     g[j] = T(r);
   };
   if (tid < head) scalar(tid);
@@ -223,7 +246,7 @@ __device__ void row_pass2(const T* x, T* g, int64_t V, typename AccOf<T>::type l
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       acc_t r = a * fast_exp(acc_t(p.v[e]) - lse) + c;
-      if (kk == t_vec && e == t_lane) r -= b;
+      if (kk == t_vec && e == t_lane) r = gt;
       out.v[e] = T(r);
     }
     store_pack<T, VEC>(gv + kk * VEC, out);
@@ -308,16 +331,17 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) forward_kernel(const FwdP
   if (threadIdx.x == 0) xt = acc_t(x[label]);  // in flight during pass 1
   const bool want_grad = g != nullptr && mode != kModeIgnore;
   const int64_t cache_vecs = (CACHE && want_grad) ? p.cache_vecs : 0;
-  const RowStats<acc_t> st = row_pass1<T, VEC, THREADS, UNROLL, CACHE>(x, p.V, cache, cache_vecs);
+  const RowStats<acc_t> st = row_pass1<T, VEC, THREADS, UNROLL, CACHE>(x, p.V, label, cache, cache_vecs);
   if (threadIdx.x == 0) {
-    const acc_t lse = st.m + log(st.s);
-    const RowResult<acc_t> r = finish_row<acc_t>(mode, acc_t(p.weights[level]), lse, xt, st.sx, p.opt);
+    acc_t m = st.m, s = st.s, q;
+    fold_target(m, s, q, xt, true);
+    const RowResult<acc_t> r = finish_row<acc_t>(mode, acc_t(p.weights[level]), m, s, q, xt, st.sx, p.opt);
     p.per_token[row] = r.loss;
     p.ce[row] = r.ce;
     p.kind[row] = r.kind;
-    coef[0] = lse;
+    coef[0] = r.lse;
     coef[1] = r.a;
-    coef[2] = r.b;
+    coef[2] = r.gt;
     coef[3] = r.c;
   }
   if (g == nullptr) return;
@@ -334,18 +358,22 @@ template <typename T, int VEC, int THREADS>
 __global__ void __launch_bounds__(THREADS) row_stats_kernel(const T* X, int64_t V, int64_t stride,
                                                             const int64_t* target, typename AccOf<T>::type* m,
                                                             typename AccOf<T>::type* s,
+                                                            typename AccOf<T>::type* q,
                                                             typename AccOf<T>::type* xt,
                                                             typename AccOf<T>::type* sx) {
   using acc_t = typename AccOf<T>::type;
   const int64_t row = blockIdx.x;
   const T* x = X + row * stride;
-  const int64_t t = target[row];
+  const int64_t t = target[row] >= 0 && target[row] < V ? target[row] : -1;
   acc_t xt_val = acc_t(0);
-  if (threadIdx.x == 0 && t >= 0 && t < V) xt_val = acc_t(x[t]);
-  const RowStats<acc_t> st = row_pass1<T, VEC, THREADS, 4, false>(x, V, nullptr, 0);
+  if (threadIdx.x == 0 && t >= 0) xt_val = acc_t(x[t]);
+  const RowStats<acc_t> st = row_pass1<T, VEC, THREADS, 4, false>(x, V, t, nullptr, 0);
   if (threadIdx.x == 0) {
-    m[row] = st.m;
-    s[row] = st.s;
+    acc_t m_row = st.m, s_row = st.s, q_row;
+    fold_target(m_row, s_row, q_row, xt_val, t >= 0);
+    m[row] = m_row;
+    s[row] = s_row;
+    q[row] = q_row;
     sx[row] = st.sx;
     xt[row] = xt_val;
   }
@@ -356,16 +384,16 @@ __global__ void __launch_bounds__(THREADS) grad_kernel(const T* X, T* G, int64_t
                                                        int64_t g_stride, const int64_t* target,
                                                        const typename AccOf<T>::type* lse,
                                                        const typename AccOf<T>::type* a,
-                                                       const typename AccOf<T>::type* b,
+                                                       const typename AccOf<T>::type* gt,
                                                        const typename AccOf<T>::type* c) {
   using acc_t = typename AccOf<T>::type;
   const int64_t row = blockIdx.x;
   T* g = G + row * g_stride;
-  if (a[row] == acc_t(0) && b[row] == acc_t(0) && c[row] == acc_t(0)) {  // no loss on this row
+  if (a[row] == acc_t(0) && gt[row] == acc_t(0) && c[row] == acc_t(0)) {  // no loss on this row
     row_zero<T, VEC, THREADS>(g, V);
     return;
   }
-  row_pass2<T, VEC, THREADS, 4, false>(X + row * x_stride, g, V, lse[row], a[row], b[row], c[row], target[row],
+  row_pass2<T, VEC, THREADS, 4, false>(X + row * x_stride, g, V, lse[row], a[row], gt[row], c[row], target[row],
                                        nullptr, 0);
 }
 
@@ -529,23 +557,24 @@ std::vector<at::Tensor> row_stats_cuda(const at::Tensor& logits, const at::Tenso
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   auto opts = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor m = at::empty({N}, opts), s = at::empty({N}, opts), xt = at::empty({N}, opts), sx = at::empty({N}, opts);
-  if (N == 0) return {m, s, xt, sx};
+  at::Tensor m = at::empty({N}, opts), s = at::empty({N}, opts), q = at::empty({N}, opts), xt = at::empty({N}, opts),
+             sx = at::empty({N}, opts);
+  if (N == 0) return {m, s, q, xt, sx};
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "masked_ce_row_stats_cuda", [&] {
     using acc_t = typename AccOf<scalar_t>::type;
     constexpr int VEC = 16 / sizeof(scalar_t);
     row_stats_kernel<scalar_t, VEC, 512><<<unsigned(N), 512, 0, stream>>>(
         logits.data_ptr<scalar_t>(), V, logits.stride(0), target.data_ptr<int64_t>(), m.data_ptr<acc_t>(),
-        s.data_ptr<acc_t>(), xt.data_ptr<acc_t>(), sx.data_ptr<acc_t>());
+        s.data_ptr<acc_t>(), q.data_ptr<acc_t>(), xt.data_ptr<acc_t>(), sx.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {m, s, xt, sx};
+  return {m, s, q, xt, sx};
 }
 
-at::Tensor grad_cuda(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& a, const at::Tensor& b,
+at::Tensor grad_cuda(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& a, const at::Tensor& gt,
                      const at::Tensor& c, const at::Tensor& target, at::Tensor out) {
-  check_cuda_inputs({lse, a, b, c, target, out}, logits);
+  check_cuda_inputs({lse, a, gt, c, target, out}, logits);
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0) return out;
@@ -557,7 +586,7 @@ at::Tensor grad_cuda(const at::Tensor& logits, const at::Tensor& lse, const at::
       constexpr int VEC = decltype(vec_tag)::value;
       grad_kernel<scalar_t, VEC, 512><<<unsigned(N), 512, 0, stream>>>(
           logits.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), V, logits.stride(0), out.stride(0),
-          target.data_ptr<int64_t>(), lse.data_ptr<acc_t>(), a.data_ptr<acc_t>(), b.data_ptr<acc_t>(),
+          target.data_ptr<int64_t>(), lse.data_ptr<acc_t>(), a.data_ptr<acc_t>(), gt.data_ptr<acc_t>(),
           c.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_slung.loss import LossPolicy, masked_cross_entropy_reference
+from tests.loss_cases import NEAR_ONE_POLICY, NON_FINITE_POLICY, near_one, non_finite
 
 
 def _inputs(n=64, v=50, seed=0, dtype=torch.float64):
@@ -88,3 +89,39 @@ def test_ignore_only_batch_is_zero_not_nan():
 def test_bad_input_is_a_clear_error(mutate, error):
     with pytest.raises((ValueError, TypeError), match=error):
         masked_cross_entropy_reference(*mutate(*_inputs()), "ce")
+
+
+def _exact_one_minus_p(row, t):
+    """1 - p_t of one row with math.fsum over float64 values (no cancellation anywhere)."""
+    x = row.double().tolist()
+    m = max(x)
+    rest = math.fsum(math.exp(v - m) for j, v in enumerate(x) if j != t)
+    return rest / (rest + math.exp(x[t] - m))
+
+
+@pytest.mark.parametrize("shift", [0.0, 40.0, -40.0, 1000.0])
+def test_unlikelihood_is_exact_near_p_one_in_float32_input(shift):
+    # the reference judges the kernels, so it must itself be exact: float64 inside, log(1 - p) from the
+    # non-target mass. (In float32, 1 - p = 1.2e-6 at shift 40 came out as the 1e-9 clamp, 20.72.)
+    logits, labels, risk = near_one(v=4000, shifts=(shift,))
+    out = masked_cross_entropy_reference(logits, labels, risk, NEAR_ONE_POLICY, return_per_token=True)
+    assert out.per_token.dtype == torch.float32
+    for i in range(len(labels)):
+        omp = _exact_one_minus_p(logits[i], int(labels[i]))
+        want = -math.log(omp) if risk[i] == 3 else -math.log1p(-omp)
+        assert out.per_token[i].item() == pytest.approx(want, rel=1e-6), (i, omp)
+
+
+def test_non_finite_rows():
+    logits, labels, risk, bad, carries, names = non_finite(v=4200)
+    x = logits.clone().requires_grad_(True)
+    out = masked_cross_entropy_reference(x, labels, risk, NON_FINITE_POLICY, return_per_token=True)
+    out.per_token[~(bad & carries)].sum().backward()
+    for i, name in enumerate(names):
+        if bad[i] and carries[i]:
+            assert torch.isnan(out.per_token[i]), name
+        elif carries[i]:
+            assert torch.isfinite(out.per_token[i]) and torch.isfinite(x.grad[i]).all(), name
+        else:
+            assert out.per_token[i] == 0 and torch.all(x.grad[i] == 0), name
+    assert torch.isnan(out.loss_sum) and torch.isnan(out.level_ce_sum[2])

@@ -1,10 +1,13 @@
 """masked_cross_entropy (torch building blocks and the C++ kernel) against the plain-torch reference."""
 
+import math
+
 import pytest
 import torch
 
 from megatron_slung.loss import LossPolicy, masked_cross_entropy, masked_cross_entropy_reference
 from megatron_slung.loss.backends import KernelBackend
+from tests.loss_cases import NEAR_ONE_POLICY, NON_FINITE_POLICY, near_one, non_finite
 
 HAVE_CPU_KERNEL = KernelBackend.available(torch.device("cpu"))
 IMPLS = ["torch", pytest.param("kernel", marks=pytest.mark.skipif(not HAVE_CPU_KERNEL, reason="no C++ kernel"))]
@@ -237,3 +240,74 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
     (a, ga), (b, gb) = results
     assert torch.equal(a.loss_sum, b.loss_sum) and torch.equal(a.level_ce_sum, b.level_ce_sum)
     assert torch.equal(ga, gb)
+
+
+# ------------------------------------------------------------------------------ p(target) -> 1, NaN and inf
+def _rel_err(got, want):
+    return ((got.double() - want).abs() / want.abs()).max().item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-4)], ids=["plain", "both"])
+def test_exact_near_p_one_at_every_shift(impl, options):
+    # 1 - p(target) from 0.1 down to 1e-7 in float32, logits shifted by 0, 40, -40, 1000: within 1e-3 of
+    # float64 in the loss (ce and unlikelihood rows) and in the gradient. Before, log(1 - p) came from
+    # x_t - lse and was quantised to ulp(lse): at 1 - p = 1.2e-6 and shift 40 the loss was the 1e-9 clamp
+    # (20.72, no gradient) instead of 13.63.
+    logits, labels, risk = near_one()
+    ours, g_ours = _run(masked_cross_entropy, logits, labels, risk, NEAR_ONE_POLICY, impl=impl, **options)
+    ref, g_ref = _run(masked_cross_entropy_reference, logits.double(), labels, risk, NEAR_ONE_POLICY, **options)
+    assert _rel_err(ours.per_token, ref.per_token) < 1e-3
+    rows = torch.arange(len(labels))
+    assert _rel_err(g_ours[rows, labels], g_ref[rows, labels]) < 1e-3  # the target's own gradient
+    row_err = (g_ours.double() - g_ref).norm(dim=1) / g_ref.norm(dim=1)
+    assert row_err.max().item() < 1e-3
+    # the plain ce of the counted tokens (per-level stats) is exact too: ce ~ 1 - p here
+    torch.testing.assert_close(ours.level_ce_sum.double(), ref.level_ce_sum.double(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unlikelihood_clamp_only_below_eps(impl):
+    logits, labels, risk = near_one(one_minus_p=(3e-9, 3e-10), shifts=(0.0, 40.0))
+    ul = risk == 3
+    logits, labels, risk = logits[ul], labels[ul], risk[ul]
+    ours, g_ours = _run(masked_cross_entropy, logits, labels, risk, NEAR_ONE_POLICY, impl=impl)
+    ref, g_ref = _run(masked_cross_entropy_reference, logits.double(), labels, risk, NEAR_ONE_POLICY)
+    clamped = torch.tensor([False, True, False, True])  # 3e-9 is above eps = 1e-9, 3e-10 below
+    assert torch.equal(ref.per_token == -math.log(1e-9), clamped)
+    assert _rel_err(ours.per_token, ref.per_token) < 1e-3
+    assert torch.all(g_ours[clamped] == 0) and torch.all(g_ours[~clamped].abs().amax(dim=1) > 0.5)
+    assert ((g_ours - g_ref).norm(dim=1) / g_ref.norm(dim=1).clamp(min=1e-30))[~clamped].max() < 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", [dict(), dict(z_loss=1e-3)], ids=["plain", "z_loss"])
+def test_nan_or_plus_inf_makes_the_row_nan(impl, options):
+    # NaN first, inside the second 2048-chunk, last, a whole chunk, at the target; +inf; and -inf (legitimate).
+    # Rows that carry loss (ce, unlikelihood) become NaN, loss and gradient; rows that carry none (mode ignore,
+    # label == ignore_index) stay 0 with a zero gradient, and an ignore row's plain ce (per-level stats) is NaN.
+    # Before, the CPU kernel skipped a chunk of NaN (finite loss, NaN gradient) and a NaN 1 - p went to the
+    # unlikelihood clamp (20.72).
+    logits, labels, risk, bad, carries, names = non_finite()
+    ours, grad = _run(masked_cross_entropy, logits, labels, risk, NON_FINITE_POLICY, impl=impl, **options)
+    ref, g_ref = _run(masked_cross_entropy_reference, logits.double(), labels, risk, NON_FINITE_POLICY, **options)
+    loss = ours.per_token
+    for i, name in enumerate(names):
+        if bad[i] and carries[i]:
+            assert torch.isnan(loss[i]) and torch.isnan(ref.per_token[i]), name
+            assert torch.isnan(grad[i]).all(), name
+        elif not carries[i]:
+            assert loss[i] == 0 and torch.all(grad[i] == 0), name
+        else:
+            assert torch.isfinite(loss[i]) and torch.isfinite(grad[i]).all(), name
+            torch.testing.assert_close(loss[i].double(), ref.per_token[i], rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(grad[i].double(), g_ref[i], rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.isnan(ours.loss_sum)
+    assert torch.isnan(ours.level_ce_sum[2]) and torch.isnan(ref.level_ce_sum[2])  # ignore rows with NaN/+inf
+    # the same batch without its non-finite rows that carry loss: finite, the ignored ones change nothing
+    keep = ~(bad & carries)
+    ours, grad = _run(masked_cross_entropy, logits[keep], labels[keep], risk[keep], NON_FINITE_POLICY, impl=impl,
+                      **options)
+    ref = masked_cross_entropy_reference(logits[keep].double(), labels[keep], risk[keep], NON_FINITE_POLICY, **options)
+    assert torch.isfinite(ours.loss_sum) and torch.isfinite(grad).all()
+    torch.testing.assert_close(ours.loss_sum.double(), ref.loss_sum, rtol=1e-5, atol=1e-4)

@@ -12,6 +12,7 @@ from megatron_slung.loss import (
 )
 from megatron_slung.loss.backends import KernelBackend, TorchBackend
 from megatron_slung.loss.masked_ce import policy_tables
+from tests.loss_cases import NEAR_ONE_POLICY, NON_FINITE_POLICY, near_one, non_finite
 
 pytestmark = [
     pytest.mark.cuda,
@@ -165,3 +166,54 @@ def test_fused_linear_on_cuda_matches_unfused():
     ref.loss_sum.backward()
     assert _rel(out.loss_sum, ref.loss_sum) < 1e-3
     assert _rel(h.grad, h2.grad) < 2e-2 and _rel(w.grad, w2.grad) < 2e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exact_near_p_one_at_every_shift(variant):
+    # 1 - p(target) down to 1e-7 in float32 at shifts 0, +-40, 1000: within 1e-3 of float64 (loss and gradient)
+    logits, labels, risk = near_one()
+    logits, labels, risk = logits.cuda(), labels.cuda(), risk.cuda()
+    modes, weights = policy_tables(LossPolicy.parse(NEAR_ONE_POLICY), logits.device)
+    per_token, ce, kind, grad = _ext._C.masked_ce_forward(logits, labels, risk, modes, weights, -100, 0.0, 0.0, 1e-9,
+                                                          True, False, variant)
+    x = logits.double().cpu().requires_grad_(True)
+    ref = masked_cross_entropy_reference(x, labels.cpu(), risk.cpu(), NEAR_ONE_POLICY, return_per_token=True)
+    ref.loss_sum.backward()
+    assert ((per_token.cpu().double() - ref.per_token).abs() / ref.per_token).max() < 1e-3
+    grad = grad.cpu().double()
+    assert ((grad - x.grad).norm(dim=1) / x.grad.norm(dim=1)).max() < 1e-3
+    # the vocab-parallel building blocks: the non-target mass of the kernel and of torch agree
+    target = torch.where(labels < 16000, labels, torch.full_like(labels, -1))
+    got = KernelBackend.row_stats(logits[:, :16000].contiguous(), target)
+    want = TorchBackend.row_stats(logits[:, :16000].contiguous(), target)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nan_or_plus_inf_makes_the_row_nan(dtype, variant):
+    # a thread whose first pack is all NaN used to skip it (finite loss); now every row with a NaN or +inf that
+    # carries loss is NaN, rows without loss stay 0, -inf stays legitimate
+    logits, labels, risk, bad, carries, names = non_finite(dtype=dtype)
+    logits, labels, risk = logits.cuda(), labels.cuda(), risk.cuda()
+    modes, weights = policy_tables(LossPolicy.parse(NON_FINITE_POLICY), logits.device)
+    per_token, ce, kind, grad = _ext._C.masked_ce_forward(logits, labels, risk, modes, weights, -100, 0.0, 1e-4, 1e-9,
+                                                          True, False, variant)
+    per_token, grad = per_token.cpu(), grad.cpu()
+    ref = masked_cross_entropy_reference(logits.cpu(), labels.cpu(), risk.cpu(), NON_FINITE_POLICY, z_loss=1e-4,
+                                         return_per_token=True)
+    nan_rows = bad & carries
+    assert torch.isnan(per_token[nan_rows]).all() and torch.isnan(grad[nan_rows]).all()
+    assert torch.all(per_token[~carries] == 0) and torch.all(grad[~carries] == 0)
+    ok = carries & ~bad
+    assert torch.isfinite(grad[ok]).all()
+    torch.testing.assert_close(per_token[ok].double(), ref.per_token[ok].double(), rtol=1e-2, atol=1e-3)
+    # the public API (and its per-level stats) on the same rows
+    out = masked_cross_entropy(logits, labels, risk, NON_FINITE_POLICY)
+    assert torch.isnan(out.loss_sum) and torch.isnan(out.level_ce_sum[2])
+    target = torch.where(labels >= 0, labels, torch.full_like(labels, -1))
+    m, s, q, xt, sx = KernelBackend.row_stats(logits, target)  # the TP path flags the row from these
+    assert torch.equal(torch.isnan(sx.cpu()) | (m.cpu() == float("inf")), bad)

@@ -1,5 +1,7 @@
 """Fused linear + masked CE against the unfused path (hidden @ weight.T, then the loss) and the reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -115,3 +117,61 @@ def test_default_chunk_size_keeps_chunk_logits_near_hidden_size():
 def test_bad_input_is_a_clear_error(mutate, error):
     with pytest.raises((ValueError, TypeError), match=error):
         fused_linear_masked_cross_entropy(*mutate(*_inputs()), POLICY)
+
+
+def _near_one_layer(v=32000, shifts=(0.0, 40.0, -40.0, 1000.0), one_minus_p=(1e-3, 1e-5, 1.2e-6, 1e-7)):
+    """hidden [N, 3], weight [v, 3] with logits shift + noise_j + gap [j == 7]: 1 - p(7) set per row."""
+    g = torch.Generator().manual_seed(0)
+    noise = -torch.rand(v, generator=g, dtype=torch.float64)
+    rest = math.fsum(math.exp(u) for u in noise.tolist()) - math.exp(noise[7].item())
+    weight = torch.stack([torch.ones(v, dtype=torch.float64), torch.zeros(v, dtype=torch.float64), noise], dim=1)
+    weight[7, 1] = 1.0
+    hidden = [[shift, math.log(rest * (1 - omp) / omp), 1.0] for shift in shifts for omp in one_minus_p]
+    hidden = torch.tensor(hidden * 2, dtype=torch.float64)  # every row twice: once ce, once unlikelihood
+    n = hidden.shape[0]
+    risk = torch.tensor([0] * (n // 2) + [3] * (n // 2), dtype=torch.uint8)
+    return hidden.float(), weight.float(), torch.full((n,), 7), risk
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_exact_near_p_one_at_every_shift(impl):
+    # the fused path uses the same building blocks: 1 - p down to 1e-7 within 1e-3 of float64 at every shift
+    hidden, weight, labels, risk = _near_one_layer()
+    h = hidden.clone().requires_grad_(True)
+    out = fused_linear_masked_cross_entropy(h, weight, labels, risk, "unlikelihood", impl=impl, chunk_size=5,
+                                            return_per_token=True)
+    out.loss_sum.backward()
+    h64 = hidden.double().requires_grad_(True)
+    ref = masked_cross_entropy_reference(h64 @ weight.double().t(), labels, risk, "unlikelihood", return_per_token=True)
+    ref.loss_sum.backward()
+    assert ((out.per_token.double() - ref.per_token).abs() / ref.per_token).max() < 1e-3
+    assert ((h.grad.double() - h64.grad).norm(dim=1) / h64.grad.norm(dim=1)).max() < 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_hidden_rows_make_their_loss_nan(impl):
+    # a NaN or +inf hidden state gives a row of NaN logits (every chunk of it): NaN loss, not the clamp or a
+    # finite ce; the other rows keep their values
+    hidden, weight, labels, risk = _inputs(n=12, h=6, v=5000, dtype=torch.float32)
+    labels[:] = 3
+    risk[:] = torch.tensor([0, 3, 2, 0, 3, 2, 0, 3, 2, 0, 3, 2], dtype=torch.uint8)
+    hidden[0, 2] = hidden[1, 0] = hidden[2, 1] = float("nan")
+    hidden[3, 4] = hidden[4, 5] = float("inf")
+    h = hidden.clone().requires_grad_(True)
+    out = fused_linear_masked_cross_entropy(h, weight, labels, risk, POLICY, impl=impl, chunk_size=4,
+                                            return_per_token=True)
+    out.loss_sum.backward()
+    assert torch.isnan(out.per_token[[0, 1, 3, 4]]).all() and torch.isnan(out.loss_sum)
+    assert out.per_token[2] == 0  # mode ignore: no loss, even on a NaN row
+    ref = masked_cross_entropy_reference(hidden[5:].double() @ weight.double().t(), labels[5:], risk[5:], POLICY,
+                                         return_per_token=True)
+    torch.testing.assert_close(out.per_token[5:].double(), ref.per_token, rtol=1e-5, atol=1e-5)
+    assert torch.isnan(h.grad[[0, 1, 3, 4]]).all() and torch.all(h.grad[2] == 0)
+    assert torch.isfinite(h.grad[5:]).all()
+    # NaN weights for one 2048-column chunk of the vocabulary: every row has a chunk of NaN logits, which the
+    # CPU kernel's online softmax used to skip (finite loss)
+    weight[2048:4096] = float("nan")
+    out = fused_linear_masked_cross_entropy(hidden[5:], weight, labels[5:], risk[5:], POLICY, impl=impl,
+                                            chunk_size=4, return_per_token=True)
+    carries = risk[5:] != 2
+    assert torch.isnan(out.per_token[carries]).all() and torch.all(out.per_token[~carries] == 0)

@@ -3,25 +3,33 @@
 Every implementation (single device, vocab-parallel, fused linear) is assembled from the same steps on a
 row of logits ``x`` (or on a vocab shard of it):
 
-1. ``row_stats``: per row, the maximum ``m``, ``s = sum_j exp(x_j - m)``, the target logit ``x_t`` (0 when
-   the target is not in this shard) and ``sum_j x_j`` (for label smoothing).
-2. ``finish``: from ``lse = m + log s``, ``x_t`` and ``sum_j x_j`` (already combined over the vocab shards),
-   the per-token loss, the plain ce, and three per-row coefficients ``a, b, c`` of the gradient
+1. ``row_stats``: per row, the maximum ``m``, ``s = sum_j exp(x_j - m)``, the non-target mass
+   ``q = sum_{j != t} exp(x_j - m)`` (= s when the target is not in this shard), the target logit ``x_t``
+   (0 when the target is not in this shard) and ``sum_j x_j`` (for label smoothing). ``q`` is summed on its
+   own, never as ``s - exp(x_t - m)``: as p_t -> 1 that difference is lost to rounding.
+2. ``finish``: from ``m, s, q, x_t, sum_j x_j`` (already combined over the vocab shards), with
+   ``lse = m + log s`` and ``1 - p_t = q / s`` (exact however close p_t is to 1, and unchanged by a constant
+   shift of the logits; ``1 - exp(x_t - lse)`` would quantise it to ulp(lse)), the per-token loss, the plain
+   ce and log(1 - p_t) (when 1 - p_t < 1/2: ``log p_t = log1p(-(1 - p_t))`` and ``log(1 - p_t) = log(q / s)``;
+   else ``log p_t = x_t - lse`` and ``log(1 - p_t) = log1p(-p_t)``), and per-row coefficients of the gradient
 
-       d loss_i / d x_ij = a_i * p_ij - b_i * [j == t_i] + c_i,      p_ij = exp(x_ij - lse_i).
+       d loss_i / d x_ij = a_i * p_ij + c_i  (j != t_i),    d loss_i / d x_it = gt_i,    p_ij = exp(x_ij - lse_i).
 
    With weight w, label smoothing e, z-loss coefficient z and vocabulary size V:
 
        ce:            loss = w * ((1 - e) * (lse - x_t) + e * (lse - sum_j x_j / V) + z * lse^2)
-                      a = w * (1 + 2 z lse),   b = w * (1 - e),   c = -w * e / V
+                      a = w * (1 + 2 z lse),   c = -w * e / V,   gt = w * (2 z lse p_t - (1 - p_t) + e (1 - 1/V))
        unlikelihood:  loss = w * (-log(max(1 - p_t, eps)) + z * lse^2)
-                      with r = p_t / (1 - p_t) when 1 - p_t >= eps, else r = 0 (the clamp has no gradient):
-                      a = w * (2 z lse - r),   b = -w * r,   c = 0
-       ignore, or label == ignore_index: loss = 0, a = b = c = 0.
+                      with r = p_t / (1 - p_t) and u = 1 when 1 - p_t >= eps, else r = u = 0 (the clamp has
+                      no gradient):  a = w * (2 z lse - r),   c = 0,   gt = w * (2 z lse + u) * p_t
+       ignore, or label == ignore_index: loss = 0, a = gt = c = 0.
 
-   (d(-log(1 - p_t))/dx_j = p_t (δ_jt - p_j) / (1 - p_t); d lse/dx_j = p_j; d x_t/dx_j = δ_jt;
-   d(sum x / V)/dx_j = 1/V.)
-3. ``grad``: writes ``a * exp(x - lse) + c`` and subtracts ``b`` at the target.
+   (d(-log(1 - p_t))/dx_j = p_t (δ_jt - p_j) / (1 - p_t), which is p_t at j = t: written as such, not as
+   r - r p_t; d lse/dx_j = p_j; d x_t/dx_j = δ_jt; d(sum x / V)/dx_j = 1/V.)
+   A row with a NaN or +inf logit (``sum x`` is NaN, or ``m`` is +inf) has no softmax: its loss, ce and
+   coefficients are NaN when it carries loss, its ce is NaN when it is only counted (mode ignore), so the
+   trainer's non-finite check sees it. -inf logits (masked vocabulary) are ordinary.
+3. ``grad``: writes ``a * exp(x - lse) + c``, and ``gt`` at the target.
 4. ``level_stats``: loss sum, number of tokens carrying loss, and per-level counts and ce sums.
 
 The fused ``forward`` does 1-3 in one sweep over each row (the kernels keep the row hot in cache).
@@ -30,6 +38,7 @@ The fused ``forward`` does 1-3 in one sweep over each row (the kernels keep the 
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -48,7 +57,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------- finish
 def finish(
-    lse: Tensor,
+    m: Tensor,
+    s: Tensor,
+    q: Tensor,
     xt: Tensor,
     sx: Tensor,
     valid: Tensor,
@@ -58,14 +69,23 @@ def finish(
     label_smoothing: float,
     z_loss: float,
     unlikelihood_eps: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Step 2 on [N] vectors (see the module docstring). Returns per_token, ce, kind, a, b, c.
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Step 2 on [N] vectors (see the module docstring). Returns per_token, ce, kind, lse, a, gt, c.
 
     ``mode`` holds LossMode codes per token, ``weight`` the policy weight per token, ``valid`` is
-    ``label != ignore_index``. Used by every path that combines statistics outside a kernel.
+    ``label != ignore_index``. Used by every path that combines statistics outside a kernel; the same
+    operations as ``csrc/masked_ce.h::finish_row``.
     """
-    zero = torch.zeros_like(lse)
-    ce = torch.where(valid, lse - xt, zero)
+    zero = torch.zeros_like(m)
+    nan = torch.full_like(m, float("nan"))
+    lse = m + torch.log(s)
+    one_minus_p = q / s  # 1 - p_t from the non-target mass: exact as p_t -> 1
+    near_one = one_minus_p < 0.5  # else p_t <= 1/2, and x_t - lse is the exact one
+    log_p = torch.where(near_one, torch.log1p(-one_minus_p), xt - lse)
+    p = torch.where(near_one, 1.0 - one_minus_p, torch.exp(log_p))
+    log_1mp = torch.where(near_one, torch.log(one_minus_p), torch.log1p(-p))
+    non_finite = ~(m < float("inf")) | torch.isnan(sx)  # a NaN or +inf logit in the row
+    ce = torch.where(valid, torch.where(non_finite, nan, -log_p), zero)
     is_ce = valid & (mode == int(LossMode.CE))
     is_ul = valid & (mode == int(LossMode.UNLIKELIHOOD))
     z_term = z_loss * lse * lse
@@ -74,19 +94,25 @@ def finish(
 
     smoothed = ce if eps == 0 else (1.0 - eps) * ce + eps * (lse - sx / vocab_size)  # no 0 * inf with -inf logits
     loss_ce = weight * (smoothed + z_term)
+    gt_ce = weight * (z_grad * p - one_minus_p + eps * (1.0 - 1.0 / vocab_size))
 
-    log_p = xt - lse
-    one_minus_p = -torch.expm1(log_p)
     unclamped = one_minus_p >= unlikelihood_eps
-    loss_ul = weight * (-torch.log(torch.clamp(one_minus_p, min=unlikelihood_eps)) + z_term)
-    r = torch.where(unclamped, torch.exp(log_p) / torch.clamp(one_minus_p, min=unlikelihood_eps), zero)
+    loss_ul = weight * (torch.where(unclamped, -log_1mp, torch.full_like(m, -math.log(unlikelihood_eps))) + z_term)
+    r = torch.where(unclamped, p / torch.clamp(one_minus_p, min=unlikelihood_eps), zero)
+    gt_ul = weight * (z_grad + unclamped.to(m.dtype)) * p
 
-    per_token = torch.where(is_ce, loss_ce, torch.where(is_ul, loss_ul, zero))
-    a = torch.where(is_ce, weight * (1.0 + z_grad), torch.where(is_ul, weight * (z_grad - r), zero))
-    b = torch.where(is_ce, weight * (1.0 - eps), torch.where(is_ul, -weight * r, zero))
-    c = torch.where(is_ce, -weight * (eps / vocab_size), zero)
-    kind = valid.to(torch.int8) + (is_ce | is_ul).to(torch.int8)
-    return per_token, ce, kind, a, b, c
+    carries = is_ce | is_ul
+    bad = carries & non_finite
+
+    def pick(if_ce, if_ul):  # per mode; NaN on a non-finite row that carries loss
+        return torch.where(bad, nan, torch.where(is_ce, if_ce, torch.where(is_ul, if_ul, zero)))
+
+    per_token = pick(loss_ce, loss_ul)
+    a = pick(weight * (1.0 + z_grad), weight * (z_grad - r))
+    gt = pick(gt_ce, gt_ul)
+    c = pick(-weight * (eps / vocab_size), zero)
+    kind = valid.to(torch.int8) + carries.to(torch.int8)
+    return per_token, ce, kind, lse, a, gt, c
 
 
 # ---------------------------------------------------------------------------------------------- torch
@@ -96,22 +122,31 @@ class TorchBackend:
     name = "torch"
 
     @staticmethod
-    def row_stats(logits: Tensor, target_local: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def row_stats(logits: Tensor, target_local: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         x = logits.to(acc_dtype(logits.dtype))
         m = x.amax(dim=1)
-        s = torch.exp(x - m[:, None]).sum(dim=1)
+        shift = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # a row (shard) of -inf: s = 0, no NaN
+        e = torch.exp(x - shift[:, None])
+        s = e.sum(dim=1)
         has_target = target_local >= 0
-        xt = x.gather(1, target_local.clamp(min=0)[:, None]).squeeze(1)
+        column = target_local.clamp(min=0)[:, None]
+        # the non-target mass, summed on its own (s - e_t loses it to rounding as p_t -> 1)
+        e.scatter_(1, column, torch.where(has_target[:, None], torch.zeros_like(s)[:, None], e.gather(1, column)))
+        q = e.sum(dim=1)
+        xt = x.gather(1, column).squeeze(1)
         xt = torch.where(has_target, xt, torch.zeros_like(xt))
-        return m, s, xt, x.sum(dim=1)
+        return m, s, q, xt, x.sum(dim=1)
 
     @staticmethod
-    def grad(logits: Tensor, lse: Tensor, a: Tensor, b: Tensor, c: Tensor, target_local: Tensor,
+    def grad(logits: Tensor, lse: Tensor, a: Tensor, gt: Tensor, c: Tensor, target_local: Tensor,
              out: Optional[Tensor] = None) -> Tensor:
         x = logits.to(acc_dtype(logits.dtype))
         g = a[:, None] * torch.exp(x - lse[:, None]) + c[:, None]
         has_target = target_local >= 0
-        g.scatter_add_(1, target_local.clamp(min=0)[:, None], torch.where(has_target, -b, torch.zeros_like(b))[:, None])
+        column = target_local.clamp(min=0)[:, None]
+        g.scatter_(1, column, torch.where(has_target[:, None], gt[:, None], g.gather(1, column)))
+        no_loss = (a == 0) & (gt == 0) & (c == 0)  # exactly 0, as in the kernels (0 * NaN logits would be NaN)
+        g = torch.where(no_loss[:, None], torch.zeros_like(g), g)
         if out is None:
             return g.to(logits.dtype)
         out.copy_(g)
@@ -122,17 +157,16 @@ class TorchBackend:
                 compute_grad: bool, inplace: bool):
         valid = labels != ignore_index
         target = torch.where(valid, labels, torch.full_like(labels, -1))
-        m, s, xt, sx = TorchBackend.row_stats(logits, target)
-        lse = m + torch.log(s)
+        m, s, q, xt, sx = TorchBackend.row_stats(logits, target)
         level = risk.long()
         acc = acc_dtype(logits.dtype)
-        per_token, ce, kind, a, b, c = finish(
-            lse, xt, sx, valid, modes.long()[level], weights.to(acc)[level], logits.shape[1],
+        per_token, ce, kind, lse, a, gt, c = finish(
+            m, s, q, xt, sx, valid, modes.long()[level], weights.to(acc)[level], logits.shape[1],
             label_smoothing, z_loss, unlikelihood_eps,
         )
         grad = None
         if compute_grad:
-            grad = TorchBackend.grad(logits, lse, a, b, c, target, out=logits if inplace else None)
+            grad = TorchBackend.grad(logits, lse, a, gt, c, target, out=logits if inplace else None)
         return per_token, ce, kind, grad
 
     @staticmethod
@@ -167,8 +201,8 @@ class KernelBackend:
         return tuple(_ext._C.masked_ce_row_stats(logits, target_local))
 
     @staticmethod
-    def grad(logits, lse, a, b, c, target_local, out=None):
-        return _ext._C.masked_ce_grad(logits, lse, a, b, c, target_local, out)
+    def grad(logits, lse, a, gt, c, target_local, out=None):
+        return _ext._C.masked_ce_grad(logits, lse, a, gt, c, target_local, out)
 
     @staticmethod
     def forward(logits, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss, unlikelihood_eps,

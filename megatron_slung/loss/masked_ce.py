@@ -11,20 +11,24 @@ and the backward only scales it by the incoming gradient. So the forward costs o
 
 Vocab-parallel (``tp_group`` with more than one rank): ``logits`` is this rank's shard ``[N, V/tp]`` holding
 the columns ``rank * V/tp .. (rank + 1) * V/tp - 1``; labels and risk are the full ``[N]`` and identical on
-every rank. With local statistics (row max m_r, s_r = sum_j exp(x_j - m_r) over the shard, the target logit
-if it lies in the shard, else 0, and the shard's sum of logits):
+every rank. With local statistics (row max m_r, s_r = sum_j exp(x_j - m_r) over the shard, q_r the same sum
+without the target column (= s_r when the target is elsewhere), the target logit if it lies in the shard,
+else 0, and the shard's sum of logits):
 
     m     = max_r m_r                                    (all-reduce MAX)
     S     = sum_r s_r * exp(m_r - m)                      \
-    x_t   = sum_r x_t,r                                    > one all-reduce SUM of a [3, N] tensor
+    Q     = sum_r q_r * exp(m_r - m)                       \  one all-reduce SUM
+    x_t   = sum_r x_t,r                                    /  of a [4, N] tensor
     sum_x = sum_r sum_x,r                                 /
-    lse   = m + log S
+    lse   = m + log S,   1 - p_t = Q / S (the non-target mass: exact as p_t -> 1)
+
+A NaN on any rank makes sum_x NaN and a +inf makes m +inf, so the row is non-finite on every rank.
 
 Everything after that (loss, per-level stats, the gradient coefficients) is a function of these global
 values, computed identically on every rank, so every rank returns the same results. Label smoothing uses
 the mean over the *whole* vocabulary, sum_x / V with V = tp * V/tp, and z-loss the global lse: both are exact
 at any tp (Megatron's vocab-parallel label smoothing uses per-shard quantities instead, which is not).
-Each rank then writes the gradient of its own columns, a * exp(x - lse) + c, minus b at the target if the
+Each rank then writes the gradient of its own columns, a * exp(x - lse) + c, and gt at the target if the
 target lies in its shard.
 """
 
@@ -96,22 +100,23 @@ def loss_and_grad(logits, labels, risk, modes, weights, ignore_index, label_smoo
     in_shard = valid & (local >= 0) & (local < local_vocab)
     target_local = torch.where(in_shard, local, torch.full_like(local, -1))
 
-    m, s, xt, sx = backend.row_stats(logits, target_local)
+    m, s, q, xt, sx = backend.row_stats(logits, target_local)
     m_global = m.clone()
     dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
-    packed = torch.stack([s * torch.exp(m - m_global), xt, sx])
+    scale = torch.exp(m - m_global)
+    scale = torch.where(m == float("-inf"), torch.zeros_like(scale), scale)  # a shard of -inf adds nothing
+    packed = torch.stack([s * scale, q * scale, xt, sx])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    s_global, xt_global, sx_global = packed.unbind(0)
-    lse = m_global + torch.log(s_global)
+    s_global, q_global, xt_global, sx_global = packed.unbind(0)
 
     level = risk.long()
-    per_token, ce, kind, a, b, c = backends.finish(
-        lse, xt_global, sx_global, valid, modes.long()[level], weights.to(lse.dtype)[level],
-        local_vocab * world, label_smoothing, z_loss, unlikelihood_eps,
+    per_token, ce, kind, lse, a, gt, c = backends.finish(
+        m_global, s_global, q_global, xt_global, sx_global, valid, modes.long()[level],
+        weights.to(m.dtype)[level], local_vocab * world, label_smoothing, z_loss, unlikelihood_eps,
     )
     grad = None
     if compute_grad:
-        grad = backend.grad(logits, lse, a, b, c, target_local, logits if inplace else None)
+        grad = backend.grad(logits, lse, a, gt, c, target_local, logits if inplace else None)
     return per_token, ce, kind, grad
 
 
