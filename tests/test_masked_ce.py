@@ -1,10 +1,12 @@
 """masked_cross_entropy (torch building blocks and the C++ kernel) against the plain-torch reference."""
 
+import inspect
+
 import pytest
 import torch
 
 from megatron_slung.loss import LossPolicy, masked_cross_entropy, masked_cross_entropy_reference
-from megatron_slung.loss.backends import KernelBackend
+from megatron_slung.loss.backends import KernelBackend, TorchBackend
 
 HAVE_CPU_KERNEL = KernelBackend.available(torch.device("cpu"))
 IMPLS = ["torch", pytest.param("kernel", marks=pytest.mark.skipif(not HAVE_CPU_KERNEL, reason="no C++ kernel"))]
@@ -165,6 +167,35 @@ def test_no_grad_needed():
         out = masked_cross_entropy(logits, labels, risk, "masked")
     ref = masked_cross_entropy_reference(logits, labels, risk, "masked")
     torch.testing.assert_close(out.loss_sum, ref.loss_sum)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_no_grad_computes_the_loss_only_and_leaves_the_logits_alone(impl, inplace_grad, monkeypatch):
+    """Evaluation runs under no_grad with logits that require grad: no gradient may be computed or kept,
+    and inplace_grad must not overwrite the logits (the caller may still read them)."""
+    logits, labels, risk = _inputs(dtype=torch.float32)
+    expected, _ = _run(masked_cross_entropy, logits, labels, risk, "unlikelihood", impl=impl)
+    asked = []
+    backend = {"torch": TorchBackend, "kernel": KernelBackend}[impl]
+    forward = backend.forward
+
+    def spy(*args, **kw):
+        asked.append(inspect.signature(forward).bind(*args, **kw).arguments["compute_grad"])
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(backend, "forward", staticmethod(spy))
+    x = logits.clone().requires_grad_(True)
+    before = x.detach().clone()
+    with torch.no_grad():
+        out = masked_cross_entropy(x, labels, risk, "unlikelihood", impl=impl, inplace_grad=inplace_grad,
+                                   return_per_token=True)
+    assert asked == [False]
+    assert torch.equal(x.detach(), before)  # bitwise
+    assert out.loss_sum.grad_fn is None and out.per_token.grad_fn is None
+    assert torch.equal(out.loss_sum, expected.loss_sum) and torch.equal(out.per_token, expected.per_token)
+    assert torch.equal(out.num_tokens, expected.num_tokens)
+    assert torch.equal(out.level_ce_sum, expected.level_ce_sum)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
