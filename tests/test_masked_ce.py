@@ -268,3 +268,32 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
     (a, ga), (b, gb) = results
     assert torch.equal(a.loss_sum, b.loss_sum) and torch.equal(a.level_ce_sum, b.level_ce_sum)
     assert torch.equal(ga, gb)
+
+
+@pytest.mark.skipif(not HAVE_CPU_KERNEL, reason="no C++ kernel")
+def test_kernel_reuses_freed_gradient_buffers_without_stale_values():
+    """The CPU kernel keeps freed gradient buffers (>= 1 MB) for the next call instead of faulting in fresh
+    pages: a live gradient is never handed out again, and a reused one is overwritten everywhere (rows with
+    an ignored label or a masked level too), so nothing of the previous gradient shows through."""
+    from megatron_slung import _ext
+
+    _ext._C.masked_ce_empty_cache()
+    policy = "0:ce,1:ignore,2:unlikelihood,3:ce@0.5"
+    logits, labels, risk = _inputs(n=64, v=5000, dtype=torch.float32)  # 1.3 MB of gradient
+    other = torch.randn_like(logits) * 5 + 3
+    _, expected = _run(masked_cross_entropy, logits, labels, risk, policy, impl="torch")
+    _, g_other_expected = _run(masked_cross_entropy, other, labels, risk, policy, impl="torch")
+
+    _, g_other = _run(masked_cross_entropy, other, labels, risk, policy, impl="kernel")
+    _, g_live = _run(masked_cross_entropy, logits, labels, risk, policy, impl="kernel")
+    assert g_live.data_ptr() != g_other.data_ptr()
+    torch.testing.assert_close(g_other, g_other_expected)
+    torch.testing.assert_close(g_live, expected)
+
+    freed = g_other.data_ptr()
+    del g_other
+    _, g_reused = _run(masked_cross_entropy, logits, labels, risk, policy, impl="kernel")
+    assert g_reused.data_ptr() == freed
+    torch.testing.assert_close(g_reused, expected)
+    assert torch.equal(g_reused, g_live)
+    _ext._C.masked_ce_empty_cache()
