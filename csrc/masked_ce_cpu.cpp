@@ -9,6 +9,7 @@
 // With inplace=true the gradient overwrites the logits buffer (no extra logits-sized memory); the caller
 // (megatron_slung.loss.masked_ce) only does this when the user allows it.
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -18,6 +19,7 @@
 #include <cstring>
 #include <string>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -92,10 +94,20 @@ static bool use_avx2() {
 #endif
 }
 
-// A new logits-sized gradient buffer. On Linux it is advised to use transparent huge pages: first touching
-// hundreds of MB in 4 KB pages costs as much as the whole kernel (one page fault per 4 KB); with 2 MB pages
-// it is a small fraction. The advice only changes how the pages are mapped, never the values.
-// SLUNG_NO_THP=1 turns the advice off.
+// Gradient buffers are reused. A fresh logits-sized buffer costs a page fault per page on its first
+// write: measured on the 2-core VM, first touching 500 MB took 530 ms in 4 KB pages and 150 ms in 2 MB
+// transparent huge pages, against 50 ms for writing memory already mapped, and more threads did not make
+// the faults faster. glibc returns such large blocks to the OS when they are freed, so every call paid
+// this again. So a freed gradient buffer goes back to a small cache (what the CUDA caching allocator
+// does on the GPU): the next call of a similar size reuses its pages. At most kMaxCached blocks, of at
+// least kMinCached bytes (smaller ones glibc reuses itself), are held; SLUNG_GRAD_CACHE=0 turns the cache
+// off and masked_ce_empty_cache() frees what it holds. A new block is advised to use transparent huge
+// pages (512x fewer faults on its first use); SLUNG_NO_THP=1 turns the advice off. Neither changes values.
+static bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string(v) == "0";
+}
+
 static bool use_thp() {
   static const bool on = [] {
     const char* v = std::getenv("SLUNG_NO_THP");
@@ -104,17 +116,101 @@ static bool use_thp() {
   return on;
 }
 
-static at::Tensor new_grad_buffer(const at::Tensor& logits) {
-  at::Tensor g = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  if (!g.is_cpu() || !use_thp()) return g;
+class GradBufferCache {
+ public:
+  static constexpr size_t kMaxCached = 2;
+  static constexpr size_t kMinCached = size_t(1) << 20;
+
+  static GradBufferCache& get() {
+    static GradBufferCache* cache = new GradBufferCache();  // never destroyed: tensors may outlive statics
+    return *cache;
+  }
+
+  // An uninitialised CPU tensor of `sizes` and `dtype`, in a cached block when one fits (capacity in
+  // [nbytes, 2 nbytes]: a small request does not pin a large block), else in a new one.
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+    if (nbytes < kMinCached) return at::empty(sizes, options);
+    Block* block = enabled_ ? take(nbytes) : nullptr;
+    if (block == nullptr) block = fresh(nbytes);
+    return at::from_blob(block->data.get(), sizes, [block](void*) { GradBufferCache::get().give_back(block); },
+                         options);
+  }
+
+  void clear() {
+    std::vector<Block*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      drop.swap(free_);
+    }
+    for (Block* b : drop) delete b;
+  }
+
+ private:
+  struct Block {
+    at::DataPtr data;  // from torch's CPU allocator
+    size_t capacity;
+  };
+
+  GradBufferCache() : enabled_(!env_off("SLUNG_GRAD_CACHE")) {}
+
+  Block* take(size_t nbytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto best = free_.end();
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if ((*it)->capacity >= nbytes && (*it)->capacity / 2 <= nbytes &&
+          (best == free_.end() || (*it)->capacity < (*best)->capacity)) {
+        best = it;
+      }
+    }
+    if (best == free_.end()) return nullptr;
+    Block* b = *best;
+    free_.erase(best);
+    return b;
+  }
+
+  static Block* fresh(size_t nbytes) {
+    at::DataPtr data = c10::GetCPUAllocator()->allocate(nbytes);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(g.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(g.data_ptr()) + g.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // best effort
+    if (use_thp()) {
+      constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+      const uintptr_t begin = (reinterpret_cast<uintptr_t>(data.get()) + kHuge - 1) & ~(kHuge - 1);
+      const uintptr_t end = (reinterpret_cast<uintptr_t>(data.get()) + nbytes) & ~(kHuge - 1);
+      if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // best effort
+    }
 #endif
-  return g;
+    return new Block{std::move(data), nbytes};
+  }
+
+  // The tensor's storage is freed: keep its block (the most recent kMaxCached), free the oldest.
+  void give_back(Block* block) {
+    if (!enabled_) {
+      delete block;
+      return;
+    }
+    Block* drop = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      free_.push_back(block);
+      if (free_.size() > kMaxCached) {
+        drop = free_.front();
+        free_.erase(free_.begin());
+      }
+    }
+    delete drop;  // outside the lock: freeing 500 MB takes a while
+  }
+
+  const bool enabled_;
+  std::mutex mu_;
+  std::vector<Block*> free_;  // oldest first
+};
+
+static at::Tensor new_grad_buffer(const at::Tensor& logits) {
+  if (!logits.is_cpu()) return at::empty_like(logits, at::MemoryFormat::Contiguous);
+  return GradBufferCache::get().empty(logits.sizes(), logits.options());
 }
+
+void empty_cache() { GradBufferCache::get().clear(); }
 
 // Rows per task: at least ~64K elements, so small vocabularies don't drown in scheduling.
 static int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
@@ -349,6 +445,8 @@ void register_masked_ce(pybind11::module_& m) {
   m.def("masked_ce_grad", &grad, "Gradient a * exp(x - lse) + c of each row, gt at the target column",
         py::arg("logits"), py::arg("lse"), py::arg("a"), py::arg("gt"), py::arg("c"), py::arg("target"),
         py::arg("out") = py::none());
+  m.def("masked_ce_empty_cache", &empty_cache,
+        "Free the CPU gradient buffers kept for reuse (see SLUNG_GRAD_CACHE in docs/masked_loss.md)");
   m.def("masked_ce_level_stats", &level_stats,
         "(loss_sum, num_tokens, level_count, level_ce_sum) from per-token results, in a fixed order",
         py::arg("per_token"), py::arg("ce"), py::arg("kind"), py::arg("risk"));

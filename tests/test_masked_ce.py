@@ -1,12 +1,13 @@
 """masked_cross_entropy (torch building blocks and the C++ kernel) against the plain-torch reference."""
 
+import inspect
 import math
 
 import pytest
 import torch
 
 from megatron_slung.loss import LossPolicy, masked_cross_entropy, masked_cross_entropy_reference
-from megatron_slung.loss.backends import KernelBackend
+from megatron_slung.loss.backends import KernelBackend, TorchBackend
 from tests.loss_cases import NEAR_ONE_POLICY, NON_FINITE_POLICY, near_one, non_finite
 
 HAVE_CPU_KERNEL = KernelBackend.available(torch.device("cpu"))
@@ -171,6 +172,35 @@ def test_no_grad_needed():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_no_grad_computes_the_loss_only_and_leaves_the_logits_alone(impl, inplace_grad, monkeypatch):
+    """Evaluation runs under no_grad with logits that require grad: no gradient may be computed or kept,
+    and inplace_grad must not overwrite the logits (the caller may still read them)."""
+    logits, labels, risk = _inputs(dtype=torch.float32)
+    expected, _ = _run(masked_cross_entropy, logits, labels, risk, "unlikelihood", impl=impl)
+    asked = []
+    backend = {"torch": TorchBackend, "kernel": KernelBackend}[impl]
+    forward = backend.forward
+
+    def spy(*args, **kw):
+        asked.append(inspect.signature(forward).bind(*args, **kw).arguments["compute_grad"])
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(backend, "forward", staticmethod(spy))
+    x = logits.clone().requires_grad_(True)
+    before = x.detach().clone()
+    with torch.no_grad():
+        out = masked_cross_entropy(x, labels, risk, "unlikelihood", impl=impl, inplace_grad=inplace_grad,
+                                   return_per_token=True)
+    assert asked == [False]
+    assert torch.equal(x.detach(), before)  # bitwise
+    assert out.loss_sum.grad_fn is None and out.per_token.grad_fn is None
+    assert torch.equal(out.loss_sum, expected.loss_sum) and torch.equal(out.per_token, expected.per_token)
+    assert torch.equal(out.num_tokens, expected.num_tokens)
+    assert torch.equal(out.level_ce_sum, expected.level_ce_sum)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "mutate, error",
     [
@@ -311,3 +341,32 @@ def test_nan_or_plus_inf_makes_the_row_nan(impl, options):
     ref = masked_cross_entropy_reference(logits[keep].double(), labels[keep], risk[keep], NON_FINITE_POLICY, **options)
     assert torch.isfinite(ours.loss_sum) and torch.isfinite(grad).all()
     torch.testing.assert_close(ours.loss_sum.double(), ref.loss_sum, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_CPU_KERNEL, reason="no C++ kernel")
+def test_kernel_reuses_freed_gradient_buffers_without_stale_values():
+    """The CPU kernel keeps freed gradient buffers (>= 1 MB) for the next call instead of faulting in fresh
+    pages: a live gradient is never handed out again, and a reused one is overwritten everywhere (rows with
+    an ignored label or a masked level too), so nothing of the previous gradient shows through."""
+    from megatron_slung import _ext
+
+    _ext._C.masked_ce_empty_cache()
+    policy = "0:ce,1:ignore,2:unlikelihood,3:ce@0.5"
+    logits, labels, risk = _inputs(n=64, v=5000, dtype=torch.float32)  # 1.3 MB of gradient
+    other = torch.randn_like(logits) * 5 + 3
+    _, expected = _run(masked_cross_entropy, logits, labels, risk, policy, impl="torch")
+    _, g_other_expected = _run(masked_cross_entropy, other, labels, risk, policy, impl="torch")
+
+    _, g_other = _run(masked_cross_entropy, other, labels, risk, policy, impl="kernel")
+    _, g_live = _run(masked_cross_entropy, logits, labels, risk, policy, impl="kernel")
+    assert g_live.data_ptr() != g_other.data_ptr()
+    torch.testing.assert_close(g_other, g_other_expected)
+    torch.testing.assert_close(g_live, expected)
+
+    freed = g_other.data_ptr()
+    del g_other
+    _, g_reused = _run(masked_cross_entropy, logits, labels, risk, policy, impl="kernel")
+    assert g_reused.data_ptr() == freed
+    torch.testing.assert_close(g_reused, expected)
+    assert torch.equal(g_reused, g_live)
+    _ext._C.masked_ce_empty_cache()

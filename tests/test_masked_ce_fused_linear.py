@@ -1,5 +1,6 @@
 """Fused linear + masked CE against the unfused path (hidden @ weight.T, then the loss) and the reference."""
 
+import inspect
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from megatron_slung.loss import (
     masked_cross_entropy_reference,
 )
 from megatron_slung.loss.backends import KernelBackend
+from megatron_slung.loss import fused_linear
 from megatron_slung.loss.fused_linear import default_chunk_size
 
 IMPLS = ["torch", pytest.param("kernel", marks=pytest.mark.skipif(
@@ -97,6 +99,48 @@ def test_normalised_loss_scales_both_gradients():
     _, gh, gw = _grads(_unfused, hidden, weight, labels, risk, scale=1.0 / out.num_tokens.item())
     torch.testing.assert_close(h.grad, gh)
     torch.testing.assert_close(w.grad, gw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch_gives_zero_loss_and_zero_gradients(impl):
+    """N = 0 (e.g. a micro-batch whose tokens all lie elsewhere): zero loss, 0 tokens, zero gradients."""
+    hidden, weight, labels, risk = _inputs()
+    h = hidden[:0].clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    out = fused_linear_masked_cross_entropy(h, w, labels[:0], risk[:0], POLICY, impl=impl, return_per_token=True)
+    (0.5 * out.loss_sum).backward()
+    assert out.loss_sum.item() == 0.0 and out.num_tokens.item() == 0 and out.per_token.shape == (0,)
+    assert h.grad.shape == (0, hidden.shape[1]) and w.grad.shape == weight.shape
+    assert torch.count_nonzero(w.grad) == 0 and int(out.level_count.sum()) == 0
+    # the unfused loss on the [0, V] logits agrees (it handles N = 0 in every impl)
+    x = (h.detach() @ w.detach().t()).requires_grad_(True)
+    ref = masked_cross_entropy(x, labels[:0], risk[:0], POLICY, impl=impl)
+    ref.loss_sum.backward()
+    assert ref.loss_sum.item() == 0.0 and ref.num_tokens.item() == 0 and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_computes_the_loss_only(impl, monkeypatch):
+    """Evaluation: no_grad, but the weight (and hidden) still require grad. Nothing may compute a gradient."""
+    hidden, weight, labels, risk = _inputs(dtype=torch.float32)
+    expected, _, _ = _grads(_fused, hidden, weight, labels, risk, impl=impl, chunk_size=8)
+    asked = []
+    loss_and_grad = fused_linear.loss_and_grad
+
+    def spy(*args, **kw):
+        asked.append(inspect.signature(loss_and_grad).bind(*args, **kw).arguments["compute_grad"])
+        return loss_and_grad(*args, **kw)
+
+    monkeypatch.setattr(fused_linear, "loss_and_grad", spy)
+    monkeypatch.setattr(fused_linear, "_accumulate", lambda *a: pytest.fail("weight gradient accumulated"))
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    with torch.no_grad():
+        out = _fused(h, w, labels, risk, impl=impl, chunk_size=8, return_per_token=True)
+    assert asked and not any(asked)
+    assert out.loss_sum.grad_fn is None
+    assert torch.equal(out.loss_sum, expected.loss_sum) and torch.equal(out.num_tokens, expected.num_tokens)
+    assert torch.equal(out.level_ce_sum, expected.level_ce_sum)
 
 
 def test_default_chunk_size_keeps_chunk_logits_near_hidden_size():

@@ -12,6 +12,9 @@ fused_linear (fused_linear_masked_cross_entropy from hidden [N, H] and weight [V
 torch_eager_linear (hidden @ weight.T, then torch_eager) and liger_fused_linear (GPU, when installed).
 
 Time: median of --repeats forward+backward runs after --warmup runs (CUDA events on the GPU).
+Threads: each worker inherits OMP_NUM_THREADS (torch's default when it is not set: one per core);
+``--threads 1,2`` runs every implementation at each of those counts instead. The table and the JSON
+(``threads`` per result; ``threads`` and the workers' ``omp_num_threads`` in the report) say what was used.
 Peak memory: the extra memory above the inputs during forward+backward, gradients included. On the GPU
 torch.cuda.max_memory_allocated. On the CPU (which has no allocator statistics) a second fresh process per
 implementation warms up on 8 tokens, then runs forward+backward once at full size while a helper thread
@@ -300,17 +303,20 @@ def run_worker(args):
         result = measure_cpu_memory(args.worker, args, vocab)
     else:
         result = measure(args.worker, args, vocab)
+    result["threads"] = torch.get_num_threads()
     with open(args.worker_json, "w") as f:
         json.dump(result, f)
 
 
-def run_in_subprocess(name, args, vocab, memory=False):
+def run_in_subprocess(name, args, vocab, memory=False, threads=None):
+    """One worker process; ``threads`` sets its OMP_NUM_THREADS (None: inherit this process's environment)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
         path = tmp.name
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-json", path,
            "--worker-vocab", str(vocab)] + (["--worker-memory"] if memory else []) + args.passthrough
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     try:
         if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
@@ -333,27 +339,34 @@ def machine_description(device):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}"
 
 
 def print_table(report):
     rows = [r for r in report["results"]]
-    base = next((r for r in rows if r["impl"] == "torch_eager" and "skipped" not in r), None)
-    base_lin = next((r for r in rows if r["impl"] == "torch_eager_linear" and "skipped" not in r), None)
     print(f"\n{report['device']}: N={report['tokens']} V={report['vocab']} {report['dtype']} policy={report['policy']}")
+    omp = report.get("omp_num_threads")
+    print(f"threads: {', '.join(map(str, report['threads']))} (OMP_NUM_THREADS {omp or 'not set'})")
     if report.get("copy_gb_per_s"):
         print(f"device copy bandwidth: {report['copy_gb_per_s']:.0f} GB/s (read + write)")
-    print(f"{'impl':<20} {'fwd+bwd ms':>11} {'speedup':>8} {'extra peak MB':>14} {'mem ratio':>10} {'GB/s':>7}")
+    print(f"{'impl':<20} {'threads':>7} {'fwd+bwd ms':>11} {'speedup':>8} {'extra peak MB':>14} {'mem ratio':>10} "
+          f"{'GB/s':>7}")
     for r in rows:
+        threads = str(r.get("threads", "-"))
         if "skipped" in r:
-            print(f"{r['impl']:<20} skipped: {r['skipped']}")
+            print(f"{r['impl']:<20} {threads:>7} skipped: {r['skipped']}")
             continue
-        ref = base_lin if r["impl"] in LINEAR_IMPLS else base
+        # the baseline at the same thread count
+        ref = next((b for b in rows if b["impl"] == ("torch_eager_linear" if r["impl"] in LINEAR_IMPLS else
+                                                      "torch_eager") and "skipped" not in b
+                    and b.get("threads") == r.get("threads")), None)
         speed = f"{ref['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if ref else "-"
         mem = f"{r['peak_mem_mb'] / ref['peak_mem_mb']:.3f}" if ref and ref["peak_mem_mb"] > 0 else "-"
         gbs = f"{r['gb_per_s']:.0f}" if "gb_per_s" in r else "-"
-        print(f"{r['impl']:<20} {r['fwd_bwd_ms']:>11.2f} {speed:>8} {r['peak_mem_mb']:>14.1f} {mem:>10} {gbs:>7}")
-    print("speedup and mem ratio: against torch_eager (torch_eager_linear for the *_linear rows)")
+        print(f"{r['impl']:<20} {threads:>7} {r['fwd_bwd_ms']:>11.2f} {speed:>8} {r['peak_mem_mb']:>14.1f} {mem:>10} "
+              f"{gbs:>7}")
+    print("speedup and mem ratio: against torch_eager (torch_eager_linear for the *_linear rows) at the same "
+          "thread count")
 
 
 def plot(report, path):
@@ -368,7 +381,8 @@ def plot(report, path):
     for entry in report["sweep"]:
         for r in entry["results"]:
             if "skipped" not in r:
-                by_impl.setdefault(r["impl"], []).append((entry["vocab"], r["fwd_bwd_ms"], r["peak_mem_mb"]))
+                label = r["impl"] if len(report["threads"]) == 1 else f"{r['impl']} ({r.get('threads')} threads)"
+                by_impl.setdefault(label, []).append((entry["vocab"], r["fwd_bwd_ms"], r["peak_mem_mb"]))
     for impl, pts in by_impl.items():
         v, t, m = zip(*sorted(pts))
         ax_t.plot(v, t, marker="o", label=impl)
@@ -397,6 +411,8 @@ def main(argv=None):
     p.add_argument("--impls", default=",".join(CE_IMPLS + LINEAR_IMPLS), help="comma-separated subset")
     p.add_argument("--variants", default="", help="CUDA kernel variants to time too, e.g. 1,2,3,4,5")
     p.add_argument("--hidden", type=int, help="hidden size for the *_linear impls (default 4096 cuda, 256 cpu)")
+    p.add_argument("--threads", help="comma-separated thread counts to run each impl at (OMP_NUM_THREADS of "
+                   "the workers), e.g. 1,2; default: inherit the environment")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -420,15 +436,20 @@ def main(argv=None):
     if args.device == "cpu":
         impls = [i for i in impls if not i.startswith("liger")]
 
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [None]
+
     def one_size(vocab):
         results = []
-        for name in impls:
-            print(f"[bench] {name} (V={vocab}) ...", flush=True)
-            result = run_in_subprocess(name, args, vocab)
-            if args.device == "cpu" and "skipped" not in result and name != "tp":  # memory: another process
-                memory = run_in_subprocess(name, args, vocab, memory=True)
-                result["peak_mem_mb"] = memory.get("peak_mem_mb", float("nan"))
-            results.append(result)
+        for threads in thread_counts:
+            for name in impls:
+                at = f", {threads} threads" if threads else ""
+                print(f"[bench] {name} (V={vocab}{at}) ...", flush=True)
+                result = run_in_subprocess(name, args, vocab, threads=threads)
+                if args.device == "cpu" and "skipped" not in result and name != "tp":  # memory: another process
+                    memory = run_in_subprocess(name, args, vocab, memory=True, threads=threads)
+                    result["peak_mem_mb"] = memory.get("peak_mem_mb", float("nan"))
+                result.setdefault("threads", threads)
+                results.append(result)
         if args.tp_sim:
             print(f"[bench] fused on {args.tp_size} gloo ranks (V={vocab}) ...", flush=True)
             results.append(run_in_subprocess("tp", args, vocab))
@@ -442,6 +463,8 @@ def main(argv=None):
         "policy": args.policy,
         "hidden": args.hidden,
         "repeats": args.repeats,
+        "threads": thread_counts if args.threads else [torch.get_num_threads()],
+        "omp_num_threads": args.threads or os.environ.get("OMP_NUM_THREADS"),  # what the workers ran with
         "memory_method": ("torch.cuda.max_memory_allocated above the inputs" if args.device == "cuda" else
                           "resident set sampled every 0.5 ms during the first full-size run of a fresh process "
                           "(after an 8-token warm-up), peak minus the resident set before it"),

@@ -39,7 +39,7 @@ def default_chunk_size(num_tokens: int, local_vocab: int, hidden_size: int) -> i
     """About as many logits per chunk as there are hidden-state elements in total (a power of two)."""
     chunks = max(1, math.ceil(local_vocab / max(hidden_size, 1)))
     rows = max(1, math.ceil(num_tokens / chunks))
-    return min(num_tokens, 1 << (rows - 1).bit_length())
+    return max(1, min(num_tokens, 1 << (rows - 1).bit_length()))  # >= 1: an empty batch is one empty chunk
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
@@ -59,8 +59,10 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
 class _FusedLinearMaskedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss,
-                unlikelihood_eps, backend, group, chunk_size, fp32_weight_grad):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                unlikelihood_eps, backend, group, chunk_size, fp32_weight_grad, grad_enabled):
+        # under no_grad (evaluation, where the weight still requires grad) only the loss: no gradient buffers
+        need_hidden = grad_enabled and ctx.needs_input_grad[0]
+        need_weight = grad_enabled and ctx.needs_input_grad[1]
         compute_grad = need_hidden or need_weight
         n = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -110,7 +112,7 @@ class _FusedLinearMaskedCE(torch.autograd.Function):
             for g in (grad_hidden, grad_weight):
                 if g is not None:
                     g.mul_(grad_sum.to(g.dtype) if g.dtype == torch.float64 else grad_sum.float())
-        return (grad_hidden, grad_weight) + (None,) * 12
+        return (grad_hidden, grad_weight) + (None,) * 13
 
 
 def fused_linear_masked_cross_entropy(
@@ -171,7 +173,8 @@ def fused_linear_masked_cross_entropy(
     group = tp_group if world > 1 else None
     loss_sum, per_token, num_tokens, level_count, level_ce_sum = _FusedLinearMaskedCE.apply(
         flat_hidden, weight, flat_labels, flat_risk, modes, weights, int(ignore_index), float(label_smoothing),
-        float(z_loss), float(unlikelihood_eps), backend, group, int(max(1, chunk_size)), bool(fp32_weight_grad),
+        float(z_loss), float(unlikelihood_eps), backend, group, int(chunk_size), bool(fp32_weight_grad),
+        torch.is_grad_enabled(),
     )
     return MaskedCEOutput(
         loss_sum=loss_sum,

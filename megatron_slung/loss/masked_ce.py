@@ -7,7 +7,8 @@
 The semantics are those of ``reference.masked_cross_entropy_reference`` (see its docstring). The gradient
 is computed during the forward (the kernels do it in the same sweep over each row), kept until backward,
 and the backward only scales it by the incoming gradient. So the forward costs one logits-sized buffer
-(the gradient), or none with ``inplace_grad=True``.
+(the gradient), or none with ``inplace_grad=True``; when no gradient is wanted (``torch.no_grad()``, as
+in evaluation) only the loss is computed.
 
 Vocab-parallel (``tp_group`` with more than one rank): ``logits`` is this rank's shard ``[N, V/tp]`` holding
 the columns ``rank * V/tp .. (rank + 1) * V/tp - 1``; labels and risk are the full ``[N]`` and identical on
@@ -125,9 +126,11 @@ class _MaskedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss,
-                unlikelihood_eps, backend, inplace_grad, group):
+                unlikelihood_eps, backend, inplace_grad, group, grad_enabled):
         ctx.set_materialize_grads(False)
-        compute_grad = ctx.needs_input_grad[0]
+        # needs_input_grad says only whether the logits require grad; under no_grad (evaluation) nothing will
+        # call backward, so compute the loss alone: no gradient buffer, the logits never overwritten
+        compute_grad = grad_enabled and ctx.needs_input_grad[0]
         inplace = bool(inplace_grad and compute_grad)
         per_token, ce, kind, grad = loss_and_grad(
             logits, labels, risk, modes, weights, ignore_index, label_smoothing, z_loss, unlikelihood_eps,
@@ -142,7 +145,7 @@ class _MaskedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_sum, grad_per_token, *_):
-        return (_scaled_grad(ctx, grad_sum, grad_per_token),) + (None,) * 11
+        return (_scaled_grad(ctx, grad_sum, grad_per_token),) + (None,) * 12
 
 
 def _check_options(label_smoothing, z_loss, unlikelihood_eps):
@@ -181,7 +184,9 @@ def masked_cross_entropy(
     module docstring); results are identical on every rank. ``impl``: "auto" (CUDA or CPU kernel when built,
     else torch), "kernel" or "torch". ``inplace_grad=True`` lets the forward overwrite the logits buffer with
     the gradient (saves a logits-sized buffer); the logits must not be used afterwards, and autograd raises
-    if any other node saved them for its backward.
+    if any other node saved them for its backward. When no gradient is wanted (``torch.no_grad()``, or logits
+    that do not require grad) only the loss is computed: no gradient buffer, and the logits are never
+    overwritten, whatever ``inplace_grad`` says.
     """
     policy = LossPolicy.parse(policy)
     _check_options(label_smoothing, z_loss, unlikelihood_eps)
@@ -212,7 +217,7 @@ def masked_cross_entropy(
               backend, bool(inplace_grad))
     group = tp_group if world > 1 else None
     loss_sum, per_token, num_tokens, level_count, level_ce_sum = _MaskedCE.apply(
-        flat_logits, flat_labels, flat_risk, *common, group
+        flat_logits, flat_labels, flat_risk, *common, group, torch.is_grad_enabled()
     )
     return MaskedCEOutput(
         loss_sum=loss_sum,
