@@ -54,6 +54,8 @@ from megatron_slung.training.data import (
 from megatron_slung.training.logging import NonFiniteLossError, StepStats, TrainingLogger
 from megatron_slung.training.schedules import LRScheduler
 
+_START_TIME = time.time()  # --exit-duration-in-mins counts from here (Megatron: from the program's start)
+
 
 # --------------------------------------------------------------------------- model and engine
 def gpt_config_from_args(args, padded_vocab_size: int):
@@ -395,6 +397,55 @@ def _train_state(trainer: Trainer, iteration: int, consumed_train: int, consumed
                                            args.data_parallel_size, args.zero_stage, args.sequence_parallel)}
 
 
+class ExitConditions:
+    """When to stop early (Megatron's --exit-signal-handler, --exit-duration-in-mins, --exit-interval).
+
+    ``reason(iteration)`` is called by every rank after each iteration and returns why to stop now, or None.
+    A signal caught by any rank, or the time limit passed on any rank's clock, stops all of them at the same
+    iteration: the flags are combined with one all-reduce (MAX) per iteration, only when those flags are on."""
+
+    def __init__(self, args, start_time: float):
+        self.args, self.start_time = args, start_time
+        self.comm_device = torch.device("cpu")  # the loop sets the device of its collectives
+        self.received = None  # the signal's name, once caught
+        self._previous_handler = None
+        if args.exit_signal_handler:
+            import signal
+
+            sig = signal.Signals[args.exit_signal]
+
+            def handler(signum, frame):  # only note it: the loop stops at the end of the iteration
+                self.received = signal.Signals(signum).name
+
+            self._signal = sig
+            self._previous_handler = signal.signal(sig, handler)
+            signal.siginterrupt(sig, False)  # restart interrupted system calls (collectives, file writes)
+
+    def reason(self, iteration: int) -> Optional[str]:
+        args = self.args
+        if args.exit_signal_handler or args.exit_duration_in_mins:
+            minutes = (time.time() - self.start_time) / 60.0
+            flags = torch.tensor([1.0 if self.received else 0.0,
+                                  1.0 if args.exit_duration_in_mins and minutes > args.exit_duration_in_mins else 0.0],
+                                 device=self.comm_device)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0].item() > 0:
+                return f"{self.received or args.exit_signal} received (--exit-signal-handler)"
+            if flags[1].item() > 0:
+                return f"{minutes:.2f} minutes since the start (--exit-duration-in-mins {args.exit_duration_in_mins:g})"
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            return f"--exit-interval {args.exit_interval}"
+        return None
+
+    def close(self) -> None:
+        if self._previous_handler is not None:
+            import signal
+
+            signal.signal(self._signal, self._previous_handler)
+            self._previous_handler = None
+
+
 def pretrain(argv: Optional[List[str]] = None) -> dict:
     """Run the whole job; returns a summary (iteration reached, last losses) for callers and tests."""
     world_size = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
@@ -423,7 +474,9 @@ def _run(args, device) -> dict:
                                                if args.load else (None, []))
     for line in args.load_notes:  # what --load adopted from the checkpoint, or its warning
         _print_status(line)
+    exit_conditions = ExitConditions(args, _START_TIME)  # from here a signal stops the run after an iteration
     trainer = setup(args, device)
+    exit_conditions.comm_device = _comm_device(trainer)
     engine = trainer.engine
     rank = dist.get_rank()
     _print_status(
@@ -446,7 +499,11 @@ def _run(args, device) -> dict:
             iteration = int(state["iteration"])
             consumed_train = int(state["consumed_train_samples"])
             consumed_valid = int(state["consumed_valid_samples"])
-            trainer.scheduler.load_state_dict(state["scheduler"])
+            if args.no_load_optim:  # Megatron loads the LR schedule with the optimizer: both start afresh
+                _print_status("--no-load-optim: the optimizer state and the LR schedule start afresh; iteration "
+                              f"{iteration} and the data position continue")
+            else:
+                trainer.scheduler.load_state_dict(state["scheduler"])
             old_gbs = state["args"].get("global_batch_size")
             if old_gbs is not None and old_gbs != args.global_batch_size:
                 _print_status(f"note: the checkpoint used global batch {old_gbs}, now {args.global_batch_size}")
@@ -486,9 +543,16 @@ def _run(args, device) -> dict:
         start = time.perf_counter()
         path = checkpointing.save_checkpoint(engine, args.save, iteration,
                                              _train_state(trainer, iteration, consumed_train, consumed_valid),
-                                             args_to_dict(args))
+                                             args_to_dict(args), save_optim=not args.no_save_optim,
+                                             save_rng=not args.no_save_rng)
         last_saved = iteration
         _print_status(f"saved checkpoint {path} ({time.perf_counter() - start:.1f} s)")
+        if rank == 0:  # only once the new one is complete and `latest` names it
+            deleted = checkpointing.prune_checkpoints(args.save, iteration, retain_interval=args.save_retain_interval,
+                                                      keep_last=args.keep_last_checkpoints)
+            if deleted:
+                print(f"deleted older checkpoints {', '.join(deleted)} (--save-retain-interval / "
+                      "--keep-last-checkpoints)", flush=True)
         logger.exclude_time(time.perf_counter() - start)
 
     stopped_early = False
@@ -521,10 +585,12 @@ def _run(args, device) -> dict:
                 evaluated_at = iteration
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 save()
-            if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+            reason = exit_conditions.reason(iteration)  # collective when a signal or time limit is watched
+            if reason is not None and iteration < args.train_iters:
                 if args.save and last_saved != iteration:
                     save()
-                _print_status(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+                _print_status(f"exiting at iteration {iteration} ({reason})"
+                              + ("" if args.save else "; no --save, so nothing was saved"))
                 stopped_early = True
                 break
         if not stopped_early:
@@ -539,10 +605,11 @@ def _run(args, device) -> dict:
         raise RuntimeError(f"{e} at iteration {iteration}; the datasets were sized for --train-iters "
                            f"{args.train_iters}") from None
     finally:
+        exit_conditions.close()
         logger.close()
     train_records = [r for r in logger.records if r["kind"] == "train"]
     _print_status(f"done: iteration {iteration}, {time.time() - t0:.1f} s in all")
-    return {"iteration": iteration, "records": logger.records, "rank": rank,
+    return {"iteration": iteration, "records": logger.records, "rank": rank, "stopped_early": stopped_early,
             "last_loss": train_records[-1]["loss"] if train_records else None}
 
 
