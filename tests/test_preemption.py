@@ -134,3 +134,36 @@ def test_time_limit_and_the_load_save_switches_end_to_end(tmp_path):
     assert sorted(resumed) == [2, 3, 4]
     assert resumed[2]["loss"] == reference[2]["loss"]  # the same weights on the same batch
     assert resumed[2]["lr"] == reference[1]["lr"]  # the schedule's first step again
+
+
+def test_the_slurm_example_requeues_a_run_that_stopped_early_and_not_a_finished_one(tmp_path):
+    """examples/pretrain_gpt_slurm_requeue.sh with stand-ins for srun (runs the task here) and scontrol (records
+    its arguments): stopped by the time limit -> `scontrol requeue JOB`; the requeued run resumes and finishes ->
+    no requeue."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                                  'SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0 exec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol.log\n')
+    for f in ("srun", "scontrol"):
+        os.chmod(bin_dir / f, 0o755)
+    save = tmp_path / "run"
+    job_env = env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="42", SLURM_NTASKS="1",
+                  SLURM_SUBMIT_DIR=ROOT, CONFIG="examples/gpt_tiny.yaml", SAVE=str(save), VOCAB_SIZE="256",
+                  MASTER_ADDR="127.0.0.1")
+    flags = ["--train-iters", "2", "--lr-warmup-iters", "1", "--num-workers", "0", "--eval-iters", "0", "--log-interval", "1",
+             "--no-progress-bar"]
+
+    def job(**extra):
+        proc = subprocess.run(["bash", "examples/pretrain_gpt_slurm_requeue.sh"] + flags, cwd=ROOT,
+                              env={**job_env, "MASTER_PORT": str(free_port()), **extra}, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return proc.stdout
+
+    out = job(EXIT_MINS="0.001")  # past its time limit after the first iteration
+    assert "exiting at iteration 1" in out and "[slurm] " + str(save) + "/latest: iteration 1 of 2" in out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
+    out = job()  # the requeued job: resumes from `latest` and finishes
+    assert "at iteration 1" in out and "latest: iteration 2 of 2" in out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"  # not requeued again
