@@ -91,7 +91,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving) when the iteration is a multiple of this; the schedule still "
-                        "follows --train-iters, so a resumed run continues exactly")
+                        "follows --train-iters, so a resumed run continues exactly (the same for the two below)")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="stop (after saving) once this many minutes have passed since the start (all ranks "
                         "agree each iteration)")
@@ -181,7 +181,8 @@ def _add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load", default=None,
                    help="checkpoint directory (its `latest`) or one checkpoint directory; model flags not given "
                         "are taken from the checkpoint, contradicting ones refused. No checkpoint there is an "
-                        "error unless --load is also --save (a job that resumes itself: starts fresh, warned)")
+                        "error unless --load is also --save (a job that resumes itself: starts fresh, warned) "
+                        "and --exit-on-missing-checkpoint is not given")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--save-retain-interval", type=int, default=None,
                    help="keep only the checkpoints whose iteration is a multiple of this, and the newest; older "

@@ -6,10 +6,12 @@ Layout of ``--save DIR``:
     DIR/iter_0000100/                   one checkpoint: DeepSpeed's files (mp_rank_XX_model_states.pt,
                                         ZeRO shards, pipeline layer_XX files) and ours:
         slung_state.pt                  iteration, consumed samples, LR-schedule step count, arguments (JSON),
-                                        the model architecture and the parallel layout (see below)
+                                        the model architecture and the parallel layout (see below), and
+                                        whether the optimizer / RNG states were saved (--no-save-optim/-rng)
         rng_state_rank00003.pt          python / numpy / torch / CUDA and model-parallel tracker RNG states
         args.json                       the arguments, for people
     DIR/.tmp-iter_0000100/              a save in progress (never loaded; removed by the next save)
+    DIR/.tmp-deleting-iter_0000050/     an old checkpoint being deleted (--keep-last-checkpoints, idem)
 
 Atomicity. Every rank writes into ``.tmp-TAG``; after a barrier rank 0 flushes every file to disk (fsync),
 renames the directory to ``TAG`` (one atomic rename), then replaces ``latest`` by writing ``latest.tmp`` and
@@ -515,8 +517,10 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
     flags not given (``explicit``: the flags the user set) and refused where a flag contradicts them.
 
     Returns (metadata or None, lines to print). No checkpoint is an error, except for a run whose ``--load``
-    is its ``--save`` (a job that resumes itself: it starts fresh, with a warning) and that does not ask for
-    weights (``WANTS_WEIGHTS``). Changes ``args`` in place; ``resolve_padded_vocab`` does the vocabulary once
+    is its ``--save`` (a job that resumes itself: it starts fresh, with a warning) that neither asks for
+    weights (``WANTS_WEIGHTS``, ``--ckpt-step``) nor has ``--exit-on-missing-checkpoint``. A checkpoint saved
+    without the optimizer or RNG state this run would load is refused naming the flag; a weights-only
+    ("release") checkpoint is loaded as ``--finetune``. Changes ``args`` in place; ``resolve_padded_vocab`` does the vocabulary once
     the tokenizer exists, ``check_model_config`` the model config built from ``args``."""
     from megatron_slung.training.arguments import ArgumentError
 
