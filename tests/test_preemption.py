@@ -167,3 +167,26 @@ def test_the_slurm_example_requeues_a_run_that_stopped_early_and_not_a_finished_
     out = job()  # the requeued job: resumes from `latest` and finishes
     assert "at iteration 1" in out and "latest: iteration 2 of 2" in out
     assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"  # not requeued again
+
+
+def test_sigterm_to_the_whole_process_group_spares_the_data_loader_workers(tmp_path):
+    """SLURM signals every process of a task. PyTorch's DataLoader workers die of SIGTERM, which made the trainer
+    fail ("DataLoader worker ... is killed by signal") instead of saving; they now ignore the exit signal."""
+    save, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    args = TINY + ["--train-iters", "60", "--num-workers", "2", "--save", save, "--exit-signal-handler",
+                   "--metrics-jsonl", metrics]  # the last --num-workers wins
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_slung.pretrain"] + [str(a) for a in args], cwd=ROOT,
+                            env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while not (metrics.exists() and len(train_records(read_jsonl(metrics))) >= 2):
+            assert proc.poll() is None, open(tmp_path / "log").read()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its two workers
+    finally:
+        code = _wait([proc])[0]
+    text = open(tmp_path / "log").read()
+    assert code == 0, text[-3000:]
+    stopped = max(_losses(metrics))
+    assert f"exiting at iteration {stopped} (SIGTERM received (--exit-signal-handler))" in text
+    assert (save / "latest").read_text().strip() == f"iter_{stopped:07d}"
