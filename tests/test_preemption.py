@@ -111,6 +111,14 @@ def test_time_limit_and_the_load_save_switches_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "iter_0000003 at iteration 3" in proc.stdout
     assert _losses(tmp_path / "step.jsonl") == {4: _losses(ref)[4]}
+    # --finetune: the weights of iteration 4, then iteration 0 with a fresh schedule and data position
+    proc = run_cli(common + ["--load", save, "--finetune", "--metrics-jsonl", tmp_path / "tune.jsonl"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loaded the weights of" in proc.stdout and "training from iteration 0 to 4" in proc.stdout
+    tuned = {r["iteration"]: r for r in train_records(read_jsonl(tmp_path / "tune.jsonl"))}
+    reference = {r["iteration"]: r for r in train_records(read_jsonl(ref))}
+    assert sorted(tuned) == [1, 2, 3, 4] and tuned[1]["lr"] == reference[1]["lr"]
+    assert tuned[1]["loss"] < reference[1]["loss"] - 0.05  # trained weights on the first batch again
 
     # --exit-duration-in-mins: past the limit after the first iteration; saved without optimizer or RNG state
     bare = tmp_path / "bare"
