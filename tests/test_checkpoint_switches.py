@@ -218,6 +218,21 @@ def test_use_checkpoint_args_overrides_megatrons_forced_settings_one_line_each(t
         parse_args(FIXED + ["--use-checkpoint-args"], world_size=1)
 
 
+def test_use_checkpoint_args_finds_an_imports_tokenizer_beside_the_checkpoint(tmp_path):
+    """tools/convert_from_hf.py saves --tokenizer-model as "tokenizer", a directory beside the checkpoint."""
+    _checkpoint_with(tmp_path)
+    path = ckpt.find_checkpoint(str(tmp_path / "ckpt"))
+    state = ckpt.load_train_state(os.path.join(*path))
+    state["args_json"] = __import__("json").dumps({"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "tokenizer"})
+    del state["args"]
+    torch.save(state, os.path.join(*path, ckpt.STATE_FILE))
+    (tmp_path / "ckpt" / "tokenizer").mkdir()
+    args = parse_args([a for a in RUN if a not in ("--vocab-size", "256")] + ["--load", str(tmp_path / "ckpt"),
+                                                                             "--use-checkpoint-args"], world_size=1)
+    assert args.tokenizer_type == "HuggingFaceTokenizer"
+    assert args.tokenizer_model == str(tmp_path / "ckpt" / "tokenizer")
+
+
 # --------------------------------------------------------------------------- exit flags
 def test_exit_flags_are_checked_at_start(tmp_path):
     args = parse_args(FIXED + ["--exit-signal-handler", "--exit-signal", "usr1", "--exit-duration-in-mins", "0.5"],

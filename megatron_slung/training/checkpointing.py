@@ -583,6 +583,10 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
     settings = dict(meta.model())
     if use_ckpt_args:  # Megatron's load_args_from_checkpoint: also these saved arguments
         settings.update({k: meta.args[k] for k in USE_CHECKPOINT_ARGS_EXTRA if meta.args.get(k) is not None})
+        tok = settings.get("tokenizer_model")
+        beside = os.path.join(os.path.dirname(meta.path), tok) if tok and not os.path.isabs(tok) else None
+        if beside and os.path.exists(beside):  # an import keeps its tokenizer beside the checkpoint: SAVE/tokenizer
+            settings["tokenizer_model"] = beside
     for name, saved in settings.items():
         if not hasattr(args, name):  # no flag sets it: check_model_config compares the built model
             continue
