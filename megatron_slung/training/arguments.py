@@ -73,6 +73,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="accepted for compatibility (scaled_dot_product_attention picks flash when it can)")
 
 
+def _signal_name(text: str) -> str:
+    """``SIGUSR1``, ``USR1`` or ``sigusr1`` -> ``SIGUSR1`` (a signal a process can catch)."""
+    import signal
+
+    name = text.strip().upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a signal a process can catch (e.g. SIGTERM, SIGUSR1)")
+    return name
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=None)
@@ -80,7 +91,14 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving) when the iteration is a multiple of this; the schedule still "
-                        "follows --train-iters, so a resumed run continues exactly")
+                        "follows --train-iters, so a resumed run continues exactly (the same for the two below)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (after saving) once this many minutes have passed since the start (all ranks "
+                        "agree each iteration)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal (to any rank) finish the iteration, save, and exit 0")
+    g.add_argument("--exit-signal", type=_signal_name, default="SIGTERM",
+                   help="the signal --exit-signal-handler catches, e.g. SIGUSR1 (default SIGTERM)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
@@ -166,13 +184,34 @@ def _add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load", default=None,
                    help="checkpoint directory (its `latest`) or one checkpoint directory; model flags not given "
                         "are taken from the checkpoint, contradicting ones refused. No checkpoint there is an "
-                        "error unless --load is also --save (a job that resumes itself: starts fresh, warned)")
+                        "error unless --load is also --save (a job that resumes itself: starts fresh, warned) "
+                        "and --exit-on-missing-checkpoint is not given")
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--no-save-optim", action="store_true")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--save-retain-interval", type=int, default=None,
+                   help="keep only the checkpoints whose iteration is a multiple of this, and the newest; older "
+                        "ones are deleted after each save (a multiple of --save-interval)")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None, metavar="K",
+                   help="keep the newest K checkpoints (and those --save-retain-interval keeps); older ones are "
+                        "deleted after each save")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="save no optimizer state (a later load then needs --no-load-optim or --finetune)")
+    g.add_argument("--no-save-rng", action="store_true",
+                   help="save no RNG states (a later load then needs --no-load-rng or --finetune)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="do not load the optimizer state nor the LR schedule (both start afresh; the iteration and "
+                        "data position continue)")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
     g.add_argument("--finetune", action="store_true",
-                   help="load only the weights; start at iteration 0 with a fresh optimizer and data position")
+                   help="load only the weights; start at iteration 0 with a fresh optimizer, LR schedule, RNG and "
+                        "data position")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load the checkpoint of this iteration from --load instead of the one `latest` names")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="--load naming no checkpoint is an error even when --load is also --save")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model settings from the checkpoint even over flags given (Megatron's forced set: "
+                        "query groups, rotary base, untied embeddings, dropout, tokenizer), and --seq-length when "
+                        "absent")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -467,6 +506,27 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         _fail("--eval-iters must be >= 0")
     if args.save_interval is not None and args.save is None:
         _fail("--save-interval needs --save DIR")
+    for name in ("save_retain_interval", "keep_last_checkpoints"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None and args.save is None:
+            _fail(f"--{name.replace('_', '-')} needs --save DIR")
+    if args.save_retain_interval is not None:  # Megatron's rule: retained iterations are saved ones
+        if args.save_interval is None or args.save_retain_interval % args.save_interval != 0:
+            _fail(f"--save-retain-interval ({args.save_retain_interval}) must be a multiple of --save-interval "
+                  f"({args.save_interval})")
+    if args.no_save_optim and args.zero_stage == 3:
+        _fail("--no-save-optim cannot be used with ZeRO stage 3: its weights are saved in the optimizer's files")
+    if args.ckpt_step is not None and args.ckpt_step < 0:
+        _fail(f"--ckpt-step must be >= 0, got {args.ckpt_step}")
+    for name in ("ckpt_step", "use_checkpoint_args", "exit_on_missing_checkpoint"):
+        if getattr(args, name) not in (None, False) and args.load is None:
+            _fail(f"--{name.replace('_', '-')} needs --load")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        _fail(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    if "exit_signal" in getattr(args, "explicit_flags", ()) and not args.exit_signal_handler:
+        _fail(f"--exit-signal {args.exit_signal} has no effect without --exit-signal-handler")
 
     # ---- the DeepSpeed config (generated, or the user's checked against everything above)
     from megatron_slung.training.deepspeed_config import resolve_deepspeed_config

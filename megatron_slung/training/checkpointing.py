@@ -6,10 +6,12 @@ Layout of ``--save DIR``:
     DIR/iter_0000100/                   one checkpoint: DeepSpeed's files (mp_rank_XX_model_states.pt,
                                         ZeRO shards, pipeline layer_XX files) and ours:
         slung_state.pt                  iteration, consumed samples, LR-schedule step count, arguments (JSON),
-                                        the model architecture and the parallel layout (see below)
+                                        the model architecture and the parallel layout (see below), and
+                                        whether the optimizer / RNG states were saved (--no-save-optim/-rng)
         rng_state_rank00003.pt          python / numpy / torch / CUDA and model-parallel tracker RNG states
         args.json                       the arguments, for people
     DIR/.tmp-iter_0000100/              a save in progress (never loaded; removed by the next save)
+    DIR/.tmp-deleting-iter_0000050/     an old checkpoint being deleted (--keep-last-checkpoints, idem)
 
 Atomicity. Every rank writes into ``.tmp-TAG``; after a barrier rank 0 flushes every file to disk (fsync),
 renames the directory to ``TAG`` (one atomic rename), then replaces ``latest`` by writing ``latest.tmp`` and
@@ -40,6 +42,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -216,11 +219,32 @@ def _crash_point(name: str) -> None:
 
 
 # --------------------------------------------------------------------------- save
-def save_checkpoint(engine, save_dir: str, iteration: int, train_state: dict, args_dict: dict) -> str:
+@contextlib.contextmanager
+def _without_optimizer_state(engine):
+    """While DeepSpeed saves, leave the optimizer's state out: it goes under ``optimizer`` in
+    ``mp_rank_XX_model_states.pt`` without ZeRO, and into the ``zero_pp_rank_*_optim_states.pt`` files with
+    ZeRO 1-2 (or DeepSpeed's bf16 optimizer). The weights are in the model-states (or pipeline layer) files
+    either way; at ZeRO 3 they are only in the optimizer files, so ``--no-save-optim`` is refused there."""
+    optimizer, zero_flag = engine.optimizer, engine.save_zero_checkpoint
+    engine.save_zero_checkpoint = False
+    if optimizer is not None:
+        optimizer.state_dict = lambda: None  # an instance attribute shadowing the method, removed below
+    try:
+        yield
+    finally:
+        engine.save_zero_checkpoint = zero_flag
+        if optimizer is not None:
+            del optimizer.state_dict
+
+
+def save_checkpoint(engine, save_dir: str, iteration: int, train_state: dict, args_dict: dict, *,
+                    save_optim: bool = True, save_rng: bool = True) -> str:
     """Save ``engine`` (DeepSpeed) and ``train_state`` as ``save_dir/iter_{iteration}``; return its path.
 
     Collective: every rank must call it. ``train_state`` holds plain values and tensors (iteration,
-    consumed samples, scheduler state...); RNG states are added per rank.
+    consumed samples, scheduler state...); RNG states are added per rank unless ``save_rng`` is False.
+    ``save_optim`` False (``--no-save-optim``) leaves the optimizer's state out of DeepSpeed's files.
+    ``slung_state.pt`` records both (``saved_optimizer``, ``saved_rng``), so a load can insist on them.
     """
     rank = _rank()
     final_tag = checkpoint_tag(iteration)
@@ -233,12 +257,15 @@ def save_checkpoint(engine, save_dir: str, iteration: int, train_state: dict, ar
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     _barrier()
 
-    engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
+    with contextlib.nullcontext() if save_optim else _without_optimizer_state(engine):
+        engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
     _crash_point("after_deepspeed")
-    torch.save(get_rng_state(), os.path.join(tmp_dir, rng_file(rank)))
+    if save_rng:
+        torch.save(get_rng_state(), os.path.join(tmp_dir, rng_file(rank)))
     if rank == 0:
         state = dict(train_state)
-        state.update(format_version=FORMAT_VERSION, iteration=int(iteration), args_json=json.dumps(args_dict))
+        state.update(format_version=FORMAT_VERSION, iteration=int(iteration), args_json=json.dumps(args_dict),
+                     saved_optimizer=bool(save_optim), saved_rng=bool(save_rng))
         torch.save(state, os.path.join(tmp_dir, STATE_FILE))
         with open(os.path.join(tmp_dir, ARGS_FILE), "w", encoding="utf-8") as f:
             json.dump(args_dict, f, indent=1, sort_keys=True)
@@ -270,16 +297,71 @@ def save_checkpoint(engine, save_dir: str, iteration: int, train_state: dict, ar
     return os.path.join(save_dir, tag)
 
 
+def prune_checkpoints(save_dir: str, iteration: int, *, retain_interval: Optional[int] = None,
+                      keep_last: Optional[int] = None) -> List[str]:
+    """After the save of ``iteration`` (complete, ``latest`` naming it): delete the older checkpoints that
+    neither policy keeps; return their tags. Call on one rank.
+
+    ``retain_interval`` (Megatron's ``--save-retain-interval``): keep the checkpoints whose iteration is a
+    multiple of it. ``keep_last`` (``--keep-last-checkpoints``): keep the newest K (this one included). With
+    both, either keeps a checkpoint. The one ``latest`` names and any newer than ``iteration`` (left by a run
+    rolled back with ``--ckpt-step``) are never touched. Each victim is first renamed to ``.tmp-deleting-TAG``
+    (atomic), then removed: a crash in the middle leaves a ``.tmp-`` directory, which nothing loads and the next
+    save removes, never a half-deleted ``iter_*`` that looks complete."""
+    if retain_interval is None and keep_last is None:
+        return []
+    latest = read_latest(save_dir)
+    older = [(it, tag) for it, tag in list_checkpoints(save_dir) if it <= iteration]
+    newest = {tag for _it, tag in older[-keep_last:]} if keep_last else set()
+    victims = [tag for it, tag in older if tag != latest and tag not in newest
+               and not (retain_interval and it % retain_interval == 0)]
+    for tag in victims:
+        doomed = os.path.join(save_dir, TMP_PREFIX + "deleting-" + tag)
+        os.rename(os.path.join(save_dir, tag), doomed)
+        _fsync_path(save_dir)
+        _crash_point("while_deleting")
+        shutil.rmtree(doomed)
+    return victims
+
+
 # --------------------------------------------------------------------------- load
-def find_checkpoint(load: str) -> Optional[tuple]:
+_TAG_RE = re.compile(r"^iter_(\d{7,})(?:_(\d+))?$")
+
+
+def list_checkpoints(save_dir: str) -> List[Tuple[int, str]]:
+    """The complete checkpoints in ``save_dir`` as sorted ``(iteration, tag)`` (a tag saved twice: ``iter_N_1``)."""
+    out = []
+    if os.path.isdir(save_dir):
+        for name in os.listdir(save_dir):
+            m = _TAG_RE.match(name)
+            if m and os.path.isfile(os.path.join(save_dir, name, STATE_FILE)):
+                out.append((int(m.group(1)), int(m.group(2) or 0), name))
+    return [(it, name) for it, _n, name in sorted(out)]
+
+
+def find_checkpoint(load: str, step: Optional[int] = None) -> Optional[tuple]:
     """``(dir, tag)`` of the checkpoint ``--load`` means, or None when there is none.
 
-    ``load`` is a save directory (its ``latest`` is used) or one checkpoint directory.
+    ``load`` is a save directory (its ``latest`` is used, or with ``step`` (``--ckpt-step``) the checkpoint of
+    that iteration) or one checkpoint directory. A ``step`` that is not there is an error naming the
+    iterations that are.
     """
     if os.path.isfile(os.path.join(load, STATE_FILE)):
         path = os.path.abspath(load.rstrip("/"))
+        if step is not None:
+            raise RuntimeError(f"--ckpt-step {step} needs a save directory (with iter_* checkpoints), but {load} is "
+                               "one checkpoint directory; give its parent")
         return os.path.dirname(path), os.path.basename(path)
     tag = read_latest(load) if os.path.isdir(load) else None
+    if step is not None:
+        found = [t for it, t in list_checkpoints(load) if it == step] if os.path.isdir(load) else []
+        if not found:
+            have = sorted({it for it, _t in list_checkpoints(load)}) if os.path.isdir(load) else []
+            raise RuntimeError(f"--ckpt-step {step}: there is no complete checkpoint of iteration {step} in {load}; "
+                               f"it has iterations {have}" if have else
+                               f"--ckpt-step {step}: {load} holds no checkpoint at all")
+        # saved twice (iter_N and iter_N_1): the one `latest` names, else the newest
+        return load, tag if tag in found else found[-1]
     if tag is None:
         return None
     if not os.path.isfile(os.path.join(load, tag, STATE_FILE)):
@@ -303,6 +385,15 @@ LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "da
 
 # Flags by which a user says the run starts from the weights of --load: no checkpoint there is then an error.
 WANTS_WEIGHTS = ("finetune", "no_load_optim", "no_load_rng")
+
+# --use-checkpoint-args (Megatron's load_args_from_checkpoint): the settings it forces from the checkpoint even
+# over a flag given (its ``force=True``); the others it takes only when the flag is absent, which --load here
+# always does (and refuses a contradicting flag). Megatron also takes these saved arguments, which are not part
+# of the model's architecture: the sequence length (when absent), dropout and the tokenizer (forced).
+USE_CHECKPOINT_ARGS_FORCED = frozenset({"num_query_groups", "rotary_base", "untie_embeddings_and_output_weights",
+                                        "hidden_dropout", "attention_dropout", "tokenizer_type", "tokenizer_model"})
+USE_CHECKPOINT_ARGS_EXTRA = ("seq_length", "hidden_dropout", "attention_dropout", "tokenizer_type",
+                             "tokenizer_model")
 
 # Architecture fields an explicit flag may change on load: with RoPE no weight depends on the longest position,
 # so a longer context is a fine-tuning choice (only the model's recorded limit changes).
@@ -343,6 +434,9 @@ class CheckpointMetadata:
     layout: dict  # layout(); idem
     args: dict  # the arguments of the run (or the converter) that saved it
     recorded: bool  # False: an older checkpoint without these records
+    saved_optimizer: bool = True  # False: saved with --no-save-optim (or a weights-only import)
+    saved_rng: bool = True  # False: saved with --no-save-rng (or a weights-only import)
+    release: bool = False  # weights only, not written by a training run (tools/convert_from_hf.py)
 
     def model(self) -> dict:
         """The architecture fields the checkpoint's model has. A field it does not name did not exist when it
@@ -375,10 +469,10 @@ def _architecture_from_args(args: dict) -> dict:
             "make_vocab_size_divisible_by": args.get("make_vocab_size_divisible_by")}
 
 
-def read_checkpoint_metadata(path: str) -> Optional[CheckpointMetadata]:
-    """The metadata of the checkpoint ``path`` names (a save directory's ``latest``, or one checkpoint
-    directory); None when there is none. Reads ``slung_state.pt`` only."""
-    found = find_checkpoint(path)
+def read_checkpoint_metadata(path: str, step: Optional[int] = None) -> Optional[CheckpointMetadata]:
+    """The metadata of the checkpoint ``path`` names (a save directory's ``latest``, its iteration ``step``,
+    or one checkpoint directory); None when there is none. Reads ``slung_state.pt`` only."""
+    found = find_checkpoint(path, step)
     if found is None:
         return None
     ckpt = os.path.join(*found)
@@ -393,7 +487,13 @@ def read_checkpoint_metadata(path: str) -> Optional[CheckpointMetadata]:
                            f"this version of megatron-slung reads {ARCHITECTURE_VERSION}")
     if lay is None:
         lay = {k: args.get(k) for k in LAYOUT_KEYS}
-    return CheckpointMetadata(ckpt, int(state["iteration"]), arch, lay, args, recorded)
+    # A checkpoint no training run wrote (an import: no LR-schedule state) is a "release" one, as in Megatron.
+    release = bool(state.get("release", "scheduler" not in state))
+    # Before these records every trainer checkpoint held both (--no-save-optim was accepted and ignored).
+    saved_optimizer = bool(state.get("saved_optimizer", not release))
+    saved_rng = bool(state.get("saved_rng", not release))
+    return CheckpointMetadata(ckpt, int(state["iteration"]), arch, lay, args, recorded, saved_optimizer, saved_rng,
+                              release)
 
 
 def _flag(name: str) -> str:
@@ -417,14 +517,20 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
     flags not given (``explicit``: the flags the user set) and refused where a flag contradicts them.
 
     Returns (metadata or None, lines to print). No checkpoint is an error, except for a run whose ``--load``
-    is its ``--save`` (a job that resumes itself: it starts fresh, with a warning) and that does not ask for
-    weights (``WANTS_WEIGHTS``). Changes ``args`` in place; ``resolve_padded_vocab`` does the vocabulary once
+    is its ``--save`` (a job that resumes itself: it starts fresh, with a warning) that neither asks for
+    weights (``WANTS_WEIGHTS``, ``--ckpt-step``) nor has ``--exit-on-missing-checkpoint``. A checkpoint saved
+    without the optimizer or RNG state this run would load is refused naming the flag; a weights-only
+    ("release") checkpoint is loaded as ``--finetune``. Changes ``args`` in place; ``resolve_padded_vocab`` does the vocabulary once
     the tokenizer exists, ``check_model_config`` the model config built from ``args``."""
     from megatron_slung.training.arguments import ArgumentError
 
     load, notes = args.load, []
+    step = getattr(args, "ckpt_step", None)
+    if step is not None and not os.path.isdir(load):
+        raise ArgumentError(f"--load {load} does not exist (or is not a directory), but --ckpt-step {step} asks for "
+                            "one of its checkpoints")
     try:
-        meta = read_checkpoint_metadata(load) if os.path.isdir(load) else None
+        meta = read_checkpoint_metadata(load, step) if os.path.isdir(load) else None
     except Exception as e:  # `latest` naming a partial checkpoint, an unreadable or foreign slung_state.pt
         raise ArgumentError(f"--load {load}: {e}") from None
     if meta is None:
@@ -437,6 +543,8 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
         wants = [_flag(n) for n in WANTS_WEIGHTS if getattr(args, n, False)]
         if wants:
             raise ArgumentError(f"--load {load} {what}, but {' '.join(wants)} asks to start from its weights")
+        if getattr(args, "exit_on_missing_checkpoint", False):
+            raise ArgumentError(f"--load {load} {what}, and --exit-on-missing-checkpoint is set")
         if args.save is not None and os.path.realpath(args.save) == os.path.realpath(load):
             notes.append(f"WARNING: --load {load} {what} (it is also --save): starting from scratch, "
                          "with random weights")
@@ -452,13 +560,34 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
                                 f"loading at another tensor/pipeline layout is not supported: use {_flag(key)} "
                                 f"{saved} (or re-split it: tools/convert_to_hf.py, then tools/convert_from_hf.py)")
 
+    if meta.release and not args.finetune:  # Megatron: a release checkpoint is always loaded as --finetune
+        args.finetune = True
+        notes.append(f"{where} holds weights only (a release checkpoint: no optimizer, schedule or position): "
+                     "loading it as --finetune")
+    if not args.finetune:  # Megatron refuses to go on when a part it was asked to load is not there
+        if not meta.saved_optimizer and not args.no_load_optim:
+            raise ArgumentError(f"{where} was saved without its optimizer state (--no-save-optim); pass "
+                                "--no-load-optim to resume with a fresh optimizer (and LR schedule), or --finetune")
+        if not meta.saved_rng and not args.no_load_rng:
+            raise ArgumentError(f"{where} was saved without its RNG states (--no-save-rng); pass --no-load-rng to "
+                                "resume with fresh RNG streams (dropout then differs from an unbroken run), or "
+                                "--finetune")
+
     from megatron_slung.model.gpt import architecture_fields
 
     unknown = sorted(set(meta.architecture.get("model", {})) - set(architecture_fields()))
     if unknown:
         raise ArgumentError(f"{where}: the checkpoint's model has settings this version does not know: {unknown}")
-    adopted, refused = [], []
-    for name, saved in meta.model().items():
+    adopted, refused, overridden = [], [], []
+    use_ckpt_args = getattr(args, "use_checkpoint_args", False)
+    settings = dict(meta.model())
+    if use_ckpt_args:  # Megatron's load_args_from_checkpoint: also these saved arguments
+        settings.update({k: meta.args[k] for k in USE_CHECKPOINT_ARGS_EXTRA if meta.args.get(k) is not None})
+        tok = settings.get("tokenizer_model")
+        beside = os.path.join(os.path.dirname(meta.path), tok) if tok and not os.path.isabs(tok) else None
+        if beside and os.path.exists(beside):  # an import keeps its tokenizer beside the checkpoint: SAVE/tokenizer
+            settings["tokenizer_model"] = beside
+    for name, saved in settings.items():
         if not hasattr(args, name):  # no flag sets it: check_model_config compares the built model
             continue
         ours = getattr(args, name)
@@ -467,6 +596,9 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
         if name not in explicit:
             setattr(args, name, saved)
             adopted.append(_flag_text(name, saved))
+        elif use_ckpt_args and name in USE_CHECKPOINT_ARGS_FORCED:
+            setattr(args, name, saved)
+            overridden.append(f"{_flag_text(name, ours)} -> {_flag_text(name, saved)}")
         elif name in CHANGEABLE_ON_LOAD:
             notes.append(f"note: {_flag_text(name, ours)} (the checkpoint's model has {saved})")
         else:
@@ -475,6 +607,8 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
         raise ArgumentError(f"{where}: " + "; ".join(refused) + " (leave a model flag out to use the checkpoint's value)")
     if adopted:
         notes.append(f"model settings from the checkpoint {meta.path} (flags not given): " + ", ".join(adopted))
+    for line in overridden:
+        notes.append(f"--use-checkpoint-args: {line} (the checkpoint's value replaces the flag given)")
     if not meta.recorded:
         notes.append(f"note: {meta.path} is an older checkpoint without a model-architecture record; "
                      "its saved arguments were compared instead")

@@ -13,6 +13,7 @@ TP ranks of one replica read the same samples; middle pipeline stages read nothi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -306,11 +307,22 @@ def build_loader(dataset, consumed_samples: int, args, data_parallel_rank: int, 
                                 data_parallel_size)
     # Its own generator: creating the iterator draws a seed, which must not disturb the global RNG (a
     # resumed run creates its iterators at a different point of the RNG stream than a run that never stopped).
+    watched = getattr(args, "exit_signal", None) if getattr(args, "exit_signal_handler", False) else None
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=functools.partial(_ignore_signal, watched) if watched and args.num_workers > 0 else None,
     )
     return iter(loader)
+
+
+def _ignore_signal(name: str, _worker_id: int) -> None:
+    """In a DataLoader worker: --exit-signal is for the trainer, which stops after its iteration and then shuts
+    the workers down. SLURM signals every process of a task, and PyTorch's workers die of SIGTERM (their
+    handler), which would fail the trainer instead of letting it save."""
+    import signal
+
+    signal.signal(signal.Signals[name], signal.SIG_IGN)
 
 
 class CyclicLoader:

@@ -55,6 +55,7 @@ from megatron_slung.training.data import (
     next_micro_batches,
     to_micro_batch,
 )
+from megatron_slung.training.exit_conditions import ExitConditions
 from megatron_slung.training.logging import NonFiniteLossError, StepStats, TrainingLogger
 from megatron_slung.training.schedules import LRScheduler
 
@@ -472,7 +473,9 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                                                if args.load else (None, []))
     for line in args.load_notes:  # what --load adopted from the checkpoint, or its warning
         _print_status(line)
+    exit_conditions = ExitConditions(args)  # from here a signal stops the run after an iteration
     trainer = setup(args, device, inputs.tokenizer)
+    exit_conditions.comm_device = _comm_device(trainer)
     engine = trainer.engine
     rank = dist.get_rank()
     _print_status(
@@ -497,7 +500,11 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
             iteration = int(state["iteration"])
             consumed_train = int(state["consumed_train_samples"])
             consumed_valid = int(state["consumed_valid_samples"])
-            trainer.scheduler.load_state_dict(state["scheduler"])
+            if args.no_load_optim:  # Megatron loads the LR schedule with the optimizer: both start afresh
+                _print_status("--no-load-optim: the optimizer state and the LR schedule start afresh; iteration "
+                              f"{iteration} and the data position continue")
+            else:
+                trainer.scheduler.load_state_dict(state["scheduler"])
             old_gbs = state["args"].get("global_batch_size")
             if old_gbs is not None and old_gbs != args.global_batch_size:
                 _print_status(f"note: the checkpoint used global batch {old_gbs}, now {args.global_batch_size}")
@@ -537,9 +544,16 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
         start = time.perf_counter()
         path = checkpointing.save_checkpoint(engine, args.save, iteration,
                                              _train_state(trainer, iteration, consumed_train, consumed_valid),
-                                             args_to_dict(args))
+                                             args_to_dict(args), save_optim=not args.no_save_optim,
+                                             save_rng=not args.no_save_rng)
         last_saved = iteration
         _print_status(f"saved checkpoint {path} ({time.perf_counter() - start:.1f} s)")
+        if rank == 0:  # only once the new one is complete and `latest` names it
+            deleted = checkpointing.prune_checkpoints(args.save, iteration, retain_interval=args.save_retain_interval,
+                                                      keep_last=args.keep_last_checkpoints)
+            if deleted:
+                print(f"deleted older checkpoints {', '.join(deleted)} (--save-retain-interval / "
+                      "--keep-last-checkpoints)", flush=True)
         logger.exclude_time(time.perf_counter() - start)
 
     stopped_early = False
@@ -577,10 +591,12 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                 evaluated_at = iteration
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 save()
-            if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+            reason = exit_conditions.reason(iteration)  # collective when a signal or time limit is watched
+            if reason is not None and iteration < args.train_iters:
                 if args.save and last_saved != iteration:
                     save()
-                _print_status(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+                _print_status(f"exiting at iteration {iteration} ({reason})"
+                              + ("" if args.save else "; no --save, so nothing was saved"))
                 stopped_early = True
                 break
         if not stopped_early:
@@ -595,10 +611,11 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
         raise RuntimeError(f"{e} at iteration {iteration}; the datasets were sized for --train-iters "
                            f"{args.train_iters}") from None
     finally:
+        exit_conditions.close()
         logger.close()
     train_records = [r for r in logger.records if r["kind"] == "train"]
     _print_status(f"done: iteration {iteration}, {time.time() - t0:.1f} s in all")
-    return {"iteration": iteration, "records": logger.records, "rank": rank,
+    return {"iteration": iteration, "records": logger.records, "rank": rank, "stopped_early": stopped_early,
             "last_loss": train_records[-1]["loss"] if train_records else None}
 
 
