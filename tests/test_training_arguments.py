@@ -33,8 +33,8 @@ def test_defaults_and_derived_values():
     "extra, world_size, message",
     [
         (["--tensor-model-parallel-size", "3"], 3, r"--num-attention-heads \(8\) is not divisible by --tensor-model-parallel-size \(3\)"),
-        (["--num-query-groups", "2", "--tensor-model-parallel-size", "4"], 4, r"--num-query-groups \(2\) is not divisible"),
-        (["--num-query-groups", "3"], 1, r"multiple of --num-query-groups \(3\)"),
+        (["--group-query-attention", "--num-query-groups", "2", "--tensor-model-parallel-size", "4"], 4, r"--num-query-groups \(2\) is not divisible"),
+        (["--group-query-attention", "--num-query-groups", "3"], 1, r"multiple of --num-query-groups \(3\)"),
         (["--pipeline-model-parallel-size", "3"], 3, r"--num-layers \(4\) is not divisible by --pipeline-model-parallel-size \(3\)"),
         (["--global-batch-size", "6"], 2, r"--global-batch-size \(6\) is not divisible by --micro-batch-size \(2\) x data-parallel size \(2\)"),
         (["--tensor-model-parallel-size", "2"], 3, r"world size 3 is not divisible"),

@@ -364,13 +364,20 @@ class CheckpointMetadata:
         return out
 
 
+# The architecture fields of the first record format. A checkpoint written before a later field existed was
+# that field's GPTConfig default (RoPE, RMSNorm, SwiGLU, no biases): its record, or its saved arguments, say
+# nothing of it. Its arguments may name a later field's flag, accepted then and ignored (--swiglu absent:
+# swiglu false, yet the model was SwiGLU), so an older checkpoint's arguments are read for these fields only.
+ARCHITECTURE_V1_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
+                          "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon",
+                          "untie_embeddings_and_output_weights")
+
+
 def _architecture_from_args(args: dict) -> dict:
     """An older checkpoint's architecture, from the arguments it saved (Megatron names = GPTConfig fields)."""
-    from megatron_slung.model.gpt import architecture_fields
-
     tokenizer_vocab = args.get("vocab_size") if args.get("tokenizer_type") == "NullTokenizer" else None
     return {"version": ARCHITECTURE_VERSION,
-            "model": {k: args[k] for k in architecture_fields() if k != "vocab_size" and args.get(k) is not None},
+            "model": {k: args[k] for k in ARCHITECTURE_V1_FIELDS if args.get(k) is not None},
             "padded_vocab_size": args.get("padded_vocab_size"), "tokenizer_vocab_size": tokenizer_vocab,
             "make_vocab_size_divisible_by": args.get("make_vocab_size_divisible_by")}
 
@@ -400,7 +407,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Switches whose flag turns the field off (Megatron's --disable-bias-linear sets add_bias_linear false).
+_NEGATED_SWITCHES = {"add_bias_linear": "disable_bias_linear"}
+
+
 def _flag_text(name: str, value) -> str:
+    if name in _NEGATED_SWITCHES:
+        return _flag_text(_NEGATED_SWITCHES[name], not value)
     if isinstance(value, bool):
         return _flag(name) if value else f"no {_flag(name)}"
     return f"{_flag(name)} {value}"
