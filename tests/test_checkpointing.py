@@ -233,6 +233,14 @@ def test_a_switch_that_contradicts_the_checkpoint_and_a_config_file_count_as_giv
         parse_args(RUN + ["--config", str(config), "--load", str(tmp_path / "ckpt")], world_size=1)
 
 
+def test_a_longer_context_is_refused_for_learned_positions(tmp_path):
+    _checkpoint_with(tmp_path, position_embedding_type="learned_absolute", rotary_percent=1.0)
+    argv = RUN + ["--load", str(tmp_path / "ckpt"), "--max-position-embeddings", "64"]
+    with pytest.raises(ArgumentError, match="--max-position-embeddings 64 contradicts the checkpoint, whose model "
+                                            "has max_position_embeddings = 96"):
+        parse_args(argv, world_size=1)
+
+
 def test_the_bias_switch_is_named_by_its_megatron_flag(tmp_path):
     _checkpoint_with(tmp_path, add_bias_linear=True)
     with pytest.raises(ArgumentError, match="--disable-bias-linear contradicts the checkpoint, whose model has "

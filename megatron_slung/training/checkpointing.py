@@ -304,9 +304,14 @@ LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "da
 # Flags by which a user says the run starts from the weights of --load: no checkpoint there is then an error.
 WANTS_WEIGHTS = ("finetune", "no_load_optim", "no_load_rng")
 
-# Architecture fields an explicit flag may change on load: with RoPE no weight depends on the longest position,
-# so a longer context is a fine-tuning choice (only the model's recorded limit changes).
+# Architecture fields an explicit flag may change on load: with RoPE (or no positions) no weight depends on the
+# longest position, so a longer context is a fine-tuning choice (only the model's recorded limit changes). With
+# learned absolute positions it is the size of the position table, fixed like any other shape.
 CHANGEABLE_ON_LOAD = frozenset({"max_position_embeddings"})
+
+
+def _changeable_on_load(name: str, model: dict) -> bool:
+    return name in CHANGEABLE_ON_LOAD and model.get("position_embedding_type") != "learned_absolute"
 
 
 def model_architecture(config, tokenizer_vocab_size: Optional[int],
@@ -471,7 +476,8 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
     if unknown:
         raise ArgumentError(f"{where}: the checkpoint's model has settings this version does not know: {unknown}")
     adopted, refused = [], []
-    for name, saved in meta.model().items():
+    saved_model = meta.model()
+    for name, saved in saved_model.items():
         if not hasattr(args, name):  # no flag sets it: check_model_config compares the built model
             continue
         ours = getattr(args, name)
@@ -480,7 +486,7 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
         if name not in explicit:
             setattr(args, name, saved)
             adopted.append(_flag_text(name, saved))
-        elif name in CHANGEABLE_ON_LOAD:
+        elif _changeable_on_load(name, saved_model):
             notes.append(f"note: {_flag_text(name, ours)} (the checkpoint's model has {saved})")
         else:
             refused.append(f"{_flag_text(name, ours)} contradicts the checkpoint, whose model has {name} = {saved!r}")
@@ -542,9 +548,9 @@ def check_model_config(meta: Optional[CheckpointMetadata], config) -> None:
         return
     from megatron_slung.training.arguments import ArgumentError
 
-    built = config.to_dict()
-    diffs = [f"{name}: the checkpoint's {saved!r}, this run's {built[name]!r}" for name, saved in meta.model().items()
-             if name not in CHANGEABLE_ON_LOAD and not _same(built[name], saved)]
+    built, saved_model = config.to_dict(), meta.model()
+    diffs = [f"{name}: the checkpoint's {saved!r}, this run's {built[name]!r}" for name, saved in saved_model.items()
+             if not _changeable_on_load(name, saved_model) and not _same(built[name], saved)]
     rows = meta.architecture.get("padded_vocab_size")
     if rows is not None and built["vocab_size"] != rows:
         diffs.append(f"padded vocabulary: the checkpoint's {rows}, this run's {built['vocab_size']}")
