@@ -60,8 +60,9 @@ checkpoints need their QKV rows reordered before loading. Hugging Face Llama nam
 
 Initialisation (Megatron's): every matrix ~ N(0, init_method_std), except the two output projections
 of each layer (``linear_proj``, ``linear_fc2``) ~ N(0, init_method_std / sqrt(2 num_layers)); the
-position table ~ N(0, init_method_std); biases 0; norm weights 1 (0 when zero-centred), norm biases 0. Each parameter is drawn from its own generator seeded by ``(init_seed, parameter name)``,
-so the model is identical for every TP/PP layout and build order.
+position table ~ N(0, init_method_std); biases 0; norm weights 1 (0 when zero-centred), norm biases 0.
+Each parameter is drawn from its own generator seeded by ``(init_seed, parameter name)``, so the model
+is identical for every TP/PP layout and build order.
 """
 
 from __future__ import annotations
