@@ -263,8 +263,11 @@ def test_a_checkpoint_recorded_before_the_architecture_switches_loads_as_the_lla
     for name in LEGACY:
         del record["model"][name]
     state = {"consumed_train_samples": 0, "model_architecture": record, "layout": ckpt.layout(1, 1, 1, 1, False)}
-    ckpt.save_checkpoint(FakeEngine(1), str(tmp_path / "ckpt"), 3, state, {"num_layers": 99})
+    ckpt.save_checkpoint(FakeEngine(1), str(tmp_path / "ckpt"), 3, state, {"num_layers": 99, "hidden_dropout": 0.0})
     args = parse_args(RUN + ["--load", str(tmp_path / "ckpt")], world_size=1)
+    # dropout is the run's (Megatron's default now), said in a note: the old run had 0
+    assert "note: --hidden-dropout 0.1 (the default), the checkpoint's run had 0.0; give --hidden-dropout 0.0" in \
+        " ".join(args.load_notes)
     assert args.position_embedding_type == "rope" and args.normalization == "RMSNorm" and args.swiglu
     assert not args.add_bias_linear and args.ffn_hidden_size == 48
     built = gpt_config_from_args(args, 256)

@@ -494,6 +494,13 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
         raise ArgumentError(f"{where}: " + "; ".join(refused) + " (leave a model flag out to use the checkpoint's value)")
     if adopted:
         notes.append(f"model settings from the checkpoint {meta.path} (flags not given): " + ", ".join(adopted))
+    # Dropout is a setting of the run, not adopted; but its default is now Megatron's 0.1 where it was 0, so
+    # a run that continues a checkpoint without saying so is told what changed.
+    for name in ("hidden_dropout", "attention_dropout"):
+        saved = meta.args.get(name)
+        if name not in explicit and saved is not None and hasattr(args, name) and float(saved) != getattr(args, name):
+            notes.append(f"note: {_flag_text(name, getattr(args, name))} (the default), the checkpoint's run had "
+                         f"{saved}; give {_flag_text(name, saved)} to continue with it")
     if not meta.recorded:
         notes.append(f"note: {meta.path} is an older checkpoint without a model-architecture record; "
                      "its saved arguments were compared instead")
