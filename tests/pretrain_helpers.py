@@ -11,11 +11,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 4 layers so that PP=2 has two per stage; GQA (2 groups) so that TP=2 splits groups; a masking policy
 # with unlikelihood so that every loss mode and the global-batch normalisation are exercised.
-TINY = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 --ffn-hidden-size 96 "
+# Llama style, said explicitly (the flags' defaults are Megatron's GPT-3 style).
+LLAMA_STYLE = ("--position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
+               "--hidden-dropout 0 --attention-dropout 0").split()
+# GPT-3 style is what Megatron builds without flags: learned positions, LayerNorm, GeLU, biases.
+TINY_SIZES = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
+        "--ffn-hidden-size 96 "
         "--seq-length 32 --micro-batch-size 2 --global-batch-size 8 --lr 3e-3 --min-lr 3e-4 "
         "--lr-decay-style cosine --lr-warmup-iters 2 --mock-data --vocab-size 256 --log-interval 1 "
         "--eval-iters 0 --num-workers 0 --risk-loss-policy 0:ce,1:ce,2:ignore,3:unlikelihood "
         "--clip-grad 0.5 --no-progress-bar").split()
+TINY = TINY_SIZES + LLAMA_STYLE
+# Megatron's defaults but dropout (whose masks depend on the layout): what a GPT-3 script without architecture
+# flags builds.
+TINY_GPT3 = TINY_SIZES + ["--hidden-dropout", "0", "--attention-dropout", "0"]
 
 
 def env(**extra) -> dict:

@@ -150,7 +150,14 @@ FIELDS = {
     "ffn_hidden_size": ("96", 80), "num_query_groups": ("2", 3), "kv_channels": ("16", 10),
     "max_position_embeddings": ("64", 96), "rotary_base": ("10000", 500000.0), "norm_epsilon": ("1e-5", 1e-6),
     "untie_embeddings_and_output_weights": (None, True),  # a switch: its absence cannot contradict
+    "position_embedding_type": ("none", "rope"), "rotary_percent": ("1.0", 0.4), "normalization": ("RMSNorm", "LayerNorm"),
+    "apply_layernorm_1p": (None, True), "qk_layernorm": (None, True), "swiglu": (None, False),
+    "openai_gelu": (None, True), "add_bias_linear": (None, False), "add_qkv_bias": (None, True),
 }
+# What a checkpoint written before a field existed holds: the model this project built then (Llama style).
+LEGACY = {"position_embedding_type": "rope", "rotary_percent": 1.0, "normalization": "RMSNorm",
+          "apply_layernorm_1p": False, "qk_layernorm": False, "swiglu": True, "openai_gelu": False,
+          "add_bias_linear": False, "add_qkv_bias": False}
 
 
 def _checkpoint_with(tmp_path, recorded=True, tokenizer_vocab=256, divisor=128, tp=1, **model):
@@ -192,7 +199,10 @@ def test_model_flags_not_given_are_adopted_from_the_checkpoint(tmp_path, recorde
     _checkpoint_with(tmp_path, recorded=recorded)
     args = parse_args(RUN + ["--load", str(tmp_path / "ckpt"), "--finetune"], world_size=1)
     for name, (_flag, saved) in FIELDS.items():
-        assert getattr(args, name) == saved, name
+        # An older checkpoint's saved arguments are not read for fields that came later (their flags were
+        # accepted and ignored then): it is the model of that time.
+        expected = LEGACY[name] if name in LEGACY and not recorded else saved
+        assert getattr(args, name) == expected, name
     assert len([n for n in args.load_notes if n.startswith("model settings from the checkpoint")]) == 1
     assert "--rotary-base 500000.0" in args.load_notes[0] and "--untie-embeddings-and-output-weights" in args.load_notes[0]
     assert any("older checkpoint" in n for n in args.load_notes) == (not recorded)
@@ -221,6 +231,50 @@ def test_a_switch_that_contradicts_the_checkpoint_and_a_config_file_count_as_giv
     config.write_text("rotary-base: 10000\n")
     with pytest.raises(ArgumentError, match="--rotary-base 10000.0 contradicts"):
         parse_args(RUN + ["--config", str(config), "--load", str(tmp_path / "ckpt")], world_size=1)
+
+
+def test_a_longer_context_is_refused_for_learned_positions(tmp_path):
+    _checkpoint_with(tmp_path, position_embedding_type="learned_absolute", rotary_percent=1.0)
+    argv = RUN + ["--load", str(tmp_path / "ckpt"), "--max-position-embeddings", "64"]
+    with pytest.raises(ArgumentError, match="--max-position-embeddings 64 contradicts the checkpoint, whose model "
+                                            "has max_position_embeddings = 96"):
+        parse_args(argv, world_size=1)
+
+
+def test_the_bias_switch_is_named_by_its_megatron_flag(tmp_path):
+    _checkpoint_with(tmp_path, add_bias_linear=True)
+    with pytest.raises(ArgumentError, match="--disable-bias-linear contradicts the checkpoint, whose model has "
+                                            "add_bias_linear = True"):
+        parse_args(RUN + ["--load", str(tmp_path / "ckpt"), "--disable-bias-linear"], world_size=1)
+    _checkpoint_with(tmp_path / "nobias", add_bias_linear=False)
+    args = parse_args(RUN + ["--load", str(tmp_path / "nobias" / "ckpt")], world_size=1)
+    assert args.add_bias_linear is False and "--disable-bias-linear" in args.load_notes[0]
+
+
+def test_a_checkpoint_recorded_before_the_architecture_switches_loads_as_the_llama_model_it_was(tmp_path):
+    """A version-1 record names only the sizes. With today's (Megatron, GPT-3 style) flag defaults the run
+    adopts what that model was: RoPE, RMSNorm, SwiGLU, no biases; the built model has its tensors."""
+    from megatron_slung.model.gpt import GPTModel
+    from megatron_slung.training.pretrain import gpt_config_from_args
+
+    config = GPTConfig(vocab_size=256, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+                       max_position_embeddings=32)
+    record = ckpt.model_architecture(config, 256, 128)
+    for name in LEGACY:
+        del record["model"][name]
+    state = {"consumed_train_samples": 0, "model_architecture": record, "layout": ckpt.layout(1, 1, 1, 1, False)}
+    ckpt.save_checkpoint(FakeEngine(1), str(tmp_path / "ckpt"), 3, state, {"num_layers": 99, "hidden_dropout": 0.0})
+    args = parse_args(RUN + ["--load", str(tmp_path / "ckpt")], world_size=1)
+    # dropout is the run's (Megatron's default now), said in a note: the old run had 0
+    assert "note: --hidden-dropout 0.1 (the default), the checkpoint's run had 0.0; give --hidden-dropout 0.0" in \
+        " ".join(args.load_notes)
+    assert args.position_embedding_type == "rope" and args.normalization == "RMSNorm" and args.swiglu
+    assert not args.add_bias_linear and args.ffn_hidden_size == 48
+    built = gpt_config_from_args(args, 256)
+    ckpt.check_model_config(args.load_metadata, built)  # the same model, field by field
+    names = set(GPTModel(built).state_dict())
+    assert names == set(GPTModel(config).state_dict())
+    assert not any(n.endswith(".bias") or "position_embeddings" in n for n in names)
 
 
 def test_another_tensor_parallel_layout_is_refused_before_loading(tmp_path):

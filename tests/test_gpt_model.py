@@ -121,12 +121,27 @@ def test_recompute_gives_identical_gradients():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+# Megatron's architecture switches, each combination a model this project builds.
+GPT3 = dict(position_embedding_type="learned_absolute", normalization="LayerNorm", swiglu=False, add_bias_linear=True)
+VARIANTS = {
+    "llama": {},
+    "gpt3": GPT3,
+    "gpt3_untied_openai_gelu_1p": dict(GPT3, untie_embeddings_and_output_weights=True, openai_gelu=True,
+                                       apply_layernorm_1p=True),
+    "qwen2_qk_norm_partial_rope": dict(add_qkv_bias=True, qk_layernorm=True, rotary_percent=0.5),
+    "no_positions_layernorm_qk_norm": dict(position_embedding_type="none", normalization="LayerNorm", qk_layernorm=True,
+                                           swiglu=False),
+}
+
+
 @pytest.mark.parametrize("untie", [False, True])
-def test_parameter_count_and_flops_formula(untie):
-    cfg = _config(untie_embeddings_and_output_weights=untie)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_parameter_count_and_flops_formula(untie, variant):
+    cfg = _config(**{"untie_embeddings_and_output_weights": untie, **VARIANTS[variant]})
+    untie = cfg.untie_embeddings_and_output_weights
     model = GPTModel(cfg)
-    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
-    embedding = cfg.vocab_size * cfg.hidden_size * (2 if untie else 1)
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())  # biases, betas, positions too
+    embedding = sum(p.numel() for n, p in model.named_parameters() if "embedding" in n or "output_layer" in n)
     assert model.num_parameters(include_embeddings=False) == model.num_parameters() - embedding
     # FLOPs: 6 x (every 2-D matmul weight, the output layer counted once even when tied) + attention
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n)
@@ -135,6 +150,80 @@ def test_parameter_count_and_flops_formula(untie):
     attention = 12 * cfg.num_layers * seq * cfg.num_attention_heads * cfg.head_dim
     assert flops_per_token(cfg, seq) == 6 * matmul + attention
     assert flops_per_token(cfg, seq, training=False) == (6 * matmul + attention) / 3
+
+
+def test_gpt3_style_is_learned_positions_layernorm_gelu_and_biases():
+    """The blocks of each switch compute what Megatron's do (written out in plain torch here)."""
+    torch.manual_seed(0)
+    cfg = _config(**GPT3, num_layers=1)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():  # biases and betas start at 0: make them count
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if n.endswith("layernorm.weight") else 0.0))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 10))
+    sd = model.state_dict()
+    f = torch.nn.functional
+
+    def ln(x, name):
+        return f.layer_norm(x, (cfg.hidden_size,), sd[name + ".weight"], sd[name + ".bias"], cfg.norm_epsilon)
+
+    x = sd["embedding.word_embeddings.weight"][tokens] + sd["embedding.position_embeddings.weight"][:10]
+    p = "decoder.layers.0."
+    h = ln(x, p + "input_layernorm")
+    qkv = f.linear(h, sd[p + "self_attention.linear_qkv.weight"], sd[p + "self_attention.linear_qkv.bias"])
+    d, nh, ng = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
+    q, k, v = qkv.split([nh * d, ng * d, ng * d], dim=-1)
+    q = q.view(2, 10, nh, d).transpose(1, 2)
+    k, v = (t.view(2, 10, ng, d).transpose(1, 2).repeat_interleave(nh // ng, dim=1) for t in (k, v))
+    att = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(torch.ones(10, 10).triu(1).bool(), float("-inf"))
+    ctx = (att.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, nh * d)
+    x = x + f.linear(ctx, sd[p + "self_attention.linear_proj.weight"], sd[p + "self_attention.linear_proj.bias"])
+    h = f.gelu(f.linear(ln(x, p + "pre_mlp_layernorm"), sd[p + "mlp.linear_fc1.weight"], sd[p + "mlp.linear_fc1.bias"]))
+    x = x + f.linear(h, sd[p + "mlp.linear_fc2.weight"], sd[p + "mlp.linear_fc2.bias"])
+    expected = ln(x, "decoder.final_layernorm") @ sd["embedding.word_embeddings.weight"].t()
+    torch.testing.assert_close(model(tokens), expected, rtol=1e-5, atol=1e-5)
+    assert sd[p + "mlp.linear_fc1.weight"].shape == (cfg.ffn_hidden_size, cfg.hidden_size)  # one matrix, no gate
+    # openai_gelu: the tanh approximation; zero-centred gamma: weight 0 computes what weight 1 did
+    mlp = GPTModel(_config(**GPT3, num_layers=1, openai_gelu=True)).decoder.layers[0].mlp
+    x = torch.randn(3, 2, cfg.hidden_size)
+    w1, w2 = mlp.linear_fc1.weight, mlp.linear_fc2.weight
+    torch.testing.assert_close(mlp(x), f.linear(f.gelu(f.linear(x, w1), approximate="tanh"), w2))
+    one_p = GPTModel(_config(**GPT3, apply_layernorm_1p=True))
+    plain = GPTModel(_config(**GPT3))
+    assert torch.equal(one_p.decoder.final_layernorm.weight, torch.zeros(cfg.hidden_size))
+    torch.testing.assert_close(one_p(tokens), plain(tokens), rtol=0, atol=0)
+
+
+def test_partial_rope_rotates_the_first_channels_only_and_qk_norm_normalises_each_head():
+    cfg = _config(rotary_percent=0.5, qk_layernorm=True, add_qkv_bias=True, num_layers=1)
+    assert cfg.rotary_dim == cfg.head_dim // 2
+    from megatron_slung.model.gpt import apply_rope, rope_for
+
+    cos, sin = rope_for(6, 1, cfg, "cpu")
+    assert cos.shape[-1] == cfg.rotary_dim
+    x = torch.randn(6, 1, 2, cfg.head_dim)
+    y = apply_rope(x, cos, sin)
+    assert torch.equal(y[..., cfg.rotary_dim:], x[..., cfg.rotary_dim:])
+    assert not torch.allclose(y[1:, ..., :cfg.rotary_dim], x[1:, ..., :cfg.rotary_dim])
+    attn = GPTModel(cfg).decoder.layers[0].self_attention
+    assert attn.q_layernorm.weight.shape == (cfg.head_dim,) and attn.linear_proj.bias is None
+    assert attn.linear_qkv.bias.shape == ((cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.head_dim,)
+    with pytest.raises(ValueError, match="rotary dimension"):
+        _config(rotary_percent=0.1)
+    with pytest.raises(ValueError, match="openai_gelu .* and swiglu"):
+        _config(openai_gelu=True)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tensor_parallel_layout_names_every_parameter_of_each_variant(variant):
+    cfg = _config(**VARIANTS[variant])
+    model = GPTModel(cfg)
+    assert set(tensor_parallel_layout(cfg)) == set(model.state_dict())
+    full = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    shards = [split_state_dict_for_tensor_parallel(full, cfg, 2, r) for r in range(2)]
+    merged = merge_tensor_parallel_state_dicts(shards, cfg)
+    assert all(torch.equal(merged[k], full[k]) for k in full)
 
 
 def test_tensor_parallel_state_dict_split_and_merge_round_trip():

@@ -257,22 +257,20 @@ def _edit_config(path, **changes):
 _DELETE = object()
 
 
-def test_qwen2_weights_are_refused_naming_the_biases(tmp_path, capsys):
+def test_qwen2_weights_under_a_llama_config_are_refused_naming_the_biases(tmp_path, capsys):
     src = str(tmp_path / "qwen2")
     _tiny_qwen2(src)
-    # As saved: the model type says why (its attention has q/k/v biases).
-    assert convert_from_hf.main(["--load", src, "--save", str(tmp_path / "c1")]) == 2
-    err = capsys.readouterr().err
-    assert "model_type = 'qwen2'" in err and "q/k/v biases" in err
-    # The same weights under a Llama config: the bias tensors are named (this converted with rc 0 before,
-    # and the checkpoint's logits were off by 2.1).
+    # As saved, Qwen2 imports (--add-qkv-bias; tests/test_hf_architectures.py checks its logits).
+    assert convert_from_hf.main(["--load", src, "--save", str(tmp_path / "c1")]) == 0
+    # The same weights under a Llama config without biases: the bias tensors are named (this once converted
+    # with rc 0, and the checkpoint's logits were off by 2.1).
     _edit_config(src, model_type="llama", architectures=["LlamaForCausalLM"], use_sliding_window=_DELETE,
                  sliding_window=_DELETE, max_window_layers=_DELETE, layer_types=_DELETE)
     assert convert_from_hf.main(["--load", src, "--save", str(tmp_path / "c2")]) == 2
     err = capsys.readouterr().err
     assert "tensors the Llama import does not use" in err and "model.layers.0.self_attn.k_proj.bias" in err
     assert "biases" in err
-    assert not os.path.exists(tmp_path / "c1") and not os.path.exists(tmp_path / "c2")
+    assert not os.path.exists(tmp_path / "c2")
 
 
 def test_a_tensor_the_import_does_not_use_is_refused(tmp_path, capsys):
@@ -305,8 +303,8 @@ def test_a_tensor_the_import_does_not_use_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(attention_bias=True), "attention_bias = True: biases are not supported"),
-    (dict(mlp_bias=True), "mlp_bias = True: biases are not supported"),
+    (dict(attention_bias=True), "attention_bias = True: biases on attention without the MLP's"),
+    (dict(mlp_bias=True), "mlp_bias = True: biases on attention without the MLP's (or the reverse)"),
     (dict(hidden_act="gelu"), "hidden_act = 'gelu': only silu"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}),
      "rope_parameters.rope_type = 'llama3': RoPE scaling is not supported"),
@@ -318,7 +316,7 @@ def test_a_tensor_the_import_does_not_use_is_refused(tmp_path, capsys):
      "sliding_window = 16: sliding-window attention is not supported"),
     (dict(use_qk_norm=True), "use_qk_norm = True: not understood by the Llama import"),
     (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config = {'quant_method'"),
-    (dict(model_type="gpt2"), "model_type = 'gpt2'"),
+    (dict(model_type="gpt2"), "LlamaForCausalLM is not GPT-2's causal LM"),
     (dict(architectures=["LlamaForSequenceClassification"]), "LlamaForSequenceClassification is not a Llama causal LM"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings = True, but lm_head.weight differs"),
 ], ids=["attention_bias", "mlp_bias", "gelu", "llama3_rope", "linear_rope", "partial_rope", "theta_contradiction",
@@ -352,19 +350,25 @@ def test_an_inactive_sliding_window_and_metadata_fields_import(tmp_path):
 
 
 # --------------------------------------------------------------------------- the export: every tensor, the real vocabulary
-def test_export_refuses_what_a_llama_cannot_hold(tmp_path, capsys):
+def test_export_refuses_what_no_hf_class_can_hold(tmp_path, capsys):
     from megatron_slung.model import hf_llama
 
     cfg = _config(num_layers=2)
     sd = GPTModel(cfg).state_dict()
     with pytest.raises(ValueError, match="decoder.layers.0.self_attention.linear_qkv.bias have no place"):
         hf_llama.to_hf_state_dict({**sd, "decoder.layers.0.self_attention.linear_qkv.bias": torch.zeros(128)}, cfg)
-    # A trainer checkpoint whose arguments name a feature HF Llama has not got.
+    # A model no HF class holds (learned positions with RMSNorm and SwiGLU), recorded as the trainer records it.
+    odd = _config(num_layers=2, position_embedding_type="learned_absolute")
+    ckpt = str(tmp_path / "odd")
+    hf_checkpoint.write_checkpoint(ckpt, GPTModel(odd).state_dict(), odd, unpadded_vocab_size=320)
+    assert convert_to_hf.main(["--load", ckpt, "--output", str(tmp_path / "hf")]) == 2
+    assert "--position-embedding-type learned_absolute (Llama/Qwen2 use RoPE)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hf")
+    # An older trainer checkpoint (no architecture record) whose arguments name such a flag: it was accepted
+    # and ignored then, so the model is the Llama it was, and exports as one.
     ckpt = _trainer_layout_checkpoint(tmp_path / "ckpt", cfg, {"tokenizer_type": "NullTokenizer", "vocab_size": 320,
                                                                 "position_embedding_type": "learned_absolute"})
-    assert convert_to_hf.main(["--load", ckpt, "--output", str(tmp_path / "hf")]) == 2
-    assert "--position-embedding-type learned_absolute, which a Llama model cannot hold" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "hf")
+    assert convert_to_hf.main(["--load", ckpt, "--output", str(tmp_path / "old")]) == 0
 
 
 def _trainer_layout_checkpoint(path, cfg, extra_args, model=None):

@@ -18,13 +18,18 @@ GAS, MICRO, SEQ = 2, 2, 8
 CLIP = 0.05
 # name -> (config overrides, DeepSpeed "pipeline" section)
 NO_PARTITION = {"pipe_partitioned": False, "grad_partitioned": False}
+GPT3 = dict(position_embedding_type="learned_absolute", normalization="LayerNorm", swiglu=False, add_bias_linear=True)
 PP2_CONFIGS = {
     "tied_fused_head": (dict(), NO_PARTITION),
+    # the learned positions live on the first stage only; the tied head of the last stage holds the word embeddings
+    "gpt3_tied": (GPT3, NO_PARTITION),
     "untied_recompute": (dict(untie_embeddings_and_output_weights=True, recompute_activations=True), NO_PARTITION),
 }
 TP2_PP2_CONFIGS = {
     # sequence-parallel activations differ across TP ranks: DeepSpeed must not partition them
     "tied_sp": (dict(sequence_parallel=True), NO_PARTITION),
+    "gpt3_tied_sp_qkv_bias_qk_norm": (dict(GPT3, sequence_parallel=True, add_qkv_bias=True, qk_layernorm=True),
+                                      NO_PARTITION),
     # replicated activations: DeepSpeed's default partitioning across the TP ranks works
     "untied_partitioned_fused_head": (dict(untie_embeddings_and_output_weights=True), {}),
 }
@@ -157,11 +162,13 @@ def test_tp2_by_pp2_deepspeed_pipeline_matches_the_plain_model():
     _check_against_reference(results, TP2_PP2_CONFIGS, tp=2)
 
 
+@pytest.mark.parametrize("variant", [{}, GPT3, dict(GPT3, qk_layernorm=True, add_qkv_bias=False, add_bias_linear=False)],
+                         ids=["llama", "gpt3", "layernorm_qk_norm_no_bias"])
 @pytest.mark.parametrize("untie", [False, True])
-def test_layer_parameter_counts_match_built_layers_and_names_map_to_gpt_model(untie):
+def test_layer_parameter_counts_match_built_layers_and_names_map_to_gpt_model(untie, variant):
     from megatron_slung.model.pipeline import gpt_layer_specs, pipeline_layer_parameter_counts
 
-    cfg = _config(num_layers=2, untie_embeddings_and_output_weights=untie)
+    cfg = _config(num_layers=2, untie_embeddings_and_output_weights=untie, **variant)
     layers = [spec.build() for spec in gpt_layer_specs(cfg)]
     assert pipeline_layer_parameter_counts(cfg) == [sum(p.numel() for p in m.parameters()) for m in layers]
     # each layer's own state dict, under its prefix, is GPTModel's state dict (same weights too)

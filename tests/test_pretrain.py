@@ -149,7 +149,7 @@ def test_nan_loss_step_is_skipped_with_the_flag():
 
 # --------------------------------------------------------------------------- command line
 def test_bad_flags_fail_at_start_with_a_clear_message(tmp_path):
-    proc = run_cli(TINY + ["--train-iters", "2", "--num-query-groups", "3"])
+    proc = run_cli(TINY + ["--train-iters", "2", "--num-query-groups", "3"])  # TINY has --group-query-attention
     assert proc.returncode == 2
     assert "--num-attention-heads (4) must be a multiple of --num-query-groups (3)" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.distributed import free_port, run_distributed
-from tests.pretrain_helpers import ROOT, TINY, env, pretrain_body, read_jsonl, train_records
+from tests.pretrain_helpers import ROOT, TINY, TINY_GPT3, env, pretrain_body, read_jsonl, train_records
 
 pytestmark = pytest.mark.distributed
 
@@ -21,8 +21,8 @@ ITERS = ["--train-iters", "10"]
 TOL = 1e-4
 
 
-def _run(world_size, *extra):
-    records = run_distributed(pretrain_body, world_size, args=(TINY + ITERS + list(extra),))[-1]
+def _run(world_size, *extra, base=TINY):
+    records = run_distributed(pretrain_body, world_size, args=(base + ITERS + list(extra),))[-1]
     return train_records(records)
 
 
@@ -75,6 +75,25 @@ def test_fused_linear_loss_with_tensor_and_sequence_parallelism_matches_one_proc
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_match_zero_0(data_parallel, stage):
     _assert_same_training(_run(2, "--zero-stage", str(stage)), data_parallel)
+
+
+# --------------------------------------------------------------------------- GPT-3 style (Megatron's defaults)
+@pytest.fixture(scope="module")
+def gpt3_single():
+    return _run(1, base=TINY_GPT3)
+
+
+@pytest.mark.parametrize("layout", [
+    (2, "--tensor-model-parallel-size", "2", "--sequence-parallel"),
+    (2, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--fused-linear-ce"),
+    (2, "--pipeline-model-parallel-size", "2"),
+    (2, "--zero-stage", "2"),
+], ids=["tp2_sp", "tp2_sp_fused_linear_ce", "pp2", "zero2_dp2"])
+def test_gpt3_style_matches_one_process_at_every_layout(gpt3_single, layout):
+    """Learned positions (split over the sequence under SP), LayerNorm, GeLU and linear biases: each layout
+    trains the single-process model."""
+    world_size, *extra = layout
+    _assert_same_training(_run(world_size, *extra, base=TINY_GPT3), gpt3_single)
 
 
 def test_two_nodes_started_by_two_torchrun_commands(single, tmp_path):

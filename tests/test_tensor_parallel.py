@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_slung.model.gpt import GPTConfig, GPTModel, merge_tensor_parallel_state_dicts
+from megatron_slung.model.gpt import GPTConfig, GPTModel, merge_tensor_parallel_state_dicts, tensor_parallel_layout
 from megatron_slung.parallel import state
 from megatron_slung.parallel.layers import merge_tensor_parallel_shards
 from tests.distributed import run_distributed
@@ -134,6 +134,7 @@ def test_column_row_and_embedding_layers_at_tp2_equal_full_layers():
 
 
 # --------------------------------------------------------------------------- GPT model
+GPT3 = dict(position_embedding_type="learned_absolute", normalization="LayerNorm", swiglu=False, add_bias_linear=True)
 CONFIGS = {
     "gqa_tied": dict(num_query_groups=2),
     "gqa_tied_sp": dict(num_query_groups=2, sequence_parallel=True),
@@ -142,6 +143,18 @@ CONFIGS = {
     # the loss fused with the head (return_hidden): vocab-parallel, no logits
     "gqa_tied_sp_fused": dict(num_query_groups=2, sequence_parallel=True),
     "gqa_untied_fused": dict(num_query_groups=2, untie_embeddings_and_output_weights=True),
+    # GPT-3 style (Megatron's defaults): learned positions (under SP each rank adds its own block of
+    # positions), LayerNorm with betas, GeLU, biases (column-parallel split, row-parallel added once)
+    "gpt3_tied": dict(GPT3, num_query_groups=4),
+    "gpt3_tied_sp": dict(GPT3, num_query_groups=2, sequence_parallel=True),
+    "gpt3_untied_sp_fused": dict(GPT3, num_query_groups=2, untie_embeddings_and_output_weights=True,
+                                 sequence_parallel=True),
+    # q/k/v bias, q/k norms (heads split across ranks: their gradients summed), partial RoPE, 1p, tanh GeLU
+    "qwen2_qknorm_partial_rope_sp": dict(num_query_groups=2, add_qkv_bias=True, qk_layernorm=True, rotary_percent=0.5,
+                                         sequence_parallel=True),
+    "layernorm_1p_qknorm_nope_openai_gelu": dict(num_query_groups=2, normalization="LayerNorm", apply_layernorm_1p=True,
+                                                 qk_layernorm=True, position_embedding_type="none", swiglu=False,
+                                                 openai_gelu=True, add_bias_linear=True),
 }
 
 
@@ -178,11 +191,31 @@ def _loss_and_grads(model, tokens, labels, risk, fused=False):
     return logits.detach(), loss.detach(), grads
 
 
+def _perturb_vectors(model, cfg):
+    """Biases, norm weights and betas start at 0 or 1, where a wrong split would not show: give them
+    values drawn per name at full size, each rank taking its shard as the layout says."""
+    from megatron_slung.model.gpt import tensor_parallel_layout
+    from megatron_slung.parallel.layers import split_for_tensor_parallel
+
+    tp, rank = state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank()
+    layout = tensor_parallel_layout(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() != 1:
+                continue
+            dim, parts = layout[name]
+            full_len = p.numel() * (tp if dim == 0 else 1)
+            gen = torch.Generator().manual_seed(sum(map(ord, name)))
+            full = torch.randn(full_len, generator=gen) * 0.2
+            p.add_(full if dim is None else split_for_tensor_parallel(full, tp, rank, 0, parts))
+    return model
+
+
 def _gpt_body(rank, world_size, batch):
     state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     out = {}
     for name, overrides in CONFIGS.items():
-        model = GPTModel(_config(**overrides))
+        model = _perturb_vectors(GPTModel(_config(**overrides)), _config(**overrides))
         logits, loss, grads = _loss_and_grads(model, *batch, fused="fused" in name)
         out[name] = (logits, loss, grads, {n: p.detach().clone() for n, p in model.state_dict().items()})
     state.destroy_model_parallel()
@@ -194,7 +227,7 @@ def test_gpt_model_at_tp2_equals_tp1_logits_loss_and_gradients():
     res = run_distributed(_gpt_body, 2, args=(batch,))
     for name, overrides in CONFIGS.items():
         cfg = _config(**overrides)
-        model = GPTModel(cfg)  # TP=1, same init seed (and the unfused loss: one reference for both)
+        model = _perturb_vectors(GPTModel(cfg), cfg)  # TP=1, same init seed (the unfused loss: one reference for both)
         logits, loss, grads = _loss_and_grads(model, *batch)
         shards = [r[name] for r in res]
         # weights: the TP=2 shards merge into exactly the TP=1 weights (layout-independent init)
@@ -207,19 +240,19 @@ def test_gpt_model_at_tp2_equals_tp1_logits_loss_and_gradients():
         merged = merge_tensor_parallel_state_dicts([s[2] for s in shards], cfg)
         for n, g in grads.items():
             torch.testing.assert_close(merged[n], g, **TOL, msg=f"{name}: grad of {n}")
-            if merged[n].dim() == 1:  # replicated parameters: the same gradient on both ranks
+            if tensor_parallel_layout(cfg)[n][0] is None:  # replicated parameters: the same gradient on both ranks
                 torch.testing.assert_close(shards[0][2][n], shards[1][2][n], **TOL)
 
 
 # --------------------------------------------------------------------------- DeepSpeed engine, state as mpu
-def _engine_body(rank, world_size, batches, n_tokens):
+def _engine_body(rank, world_size, batches, n_tokens, variant):
     import deepspeed
 
     from megatron_slung.model.pipeline import PipelineLoss, loss_scale_for_global_batch
 
     state.init_deepspeed_comm()
     state.initialize_model_parallel(tensor_model_parallel_size=2)  # 4 ranks: tp 2 x dp 2
-    model = GPTModel(_engine_config())
+    model = GPTModel(_engine_config(variant))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=state, config={
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": len(batches), "gradient_clipping": 0.05,
@@ -237,22 +270,25 @@ def _engine_body(rank, world_size, batches, n_tokens):
     return result
 
 
-def _engine_config():
-    return _config(num_query_groups=2, sequence_parallel=True)
+def _engine_config(variant):
+    extra = GPT3 if variant == "gpt3" else {}
+    return _config(num_query_groups=2, sequence_parallel=True, **extra)
 
 
-def test_deepspeed_engine_with_parallel_state_as_mpu_matches_one_process():
+@pytest.mark.parametrize("variant", ["llama", "gpt3"])
+def test_deepspeed_engine_with_parallel_state_as_mpu_matches_one_process(variant):
     """TP=2 x DP=2, sequence parallel, ZeRO-1, clipping: DeepSpeed reduces over our DP group and counts
-    each parameter once in the gradient norm, so one step equals the single-process step."""
+    each parameter once in the gradient norm (replicated biases, betas and learned positions too), so one
+    step equals the single-process step."""
     from megatron_slung.model.pipeline import PipelineLoss
 
     g = torch.Generator().manual_seed(9)
     batches = [(torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (2, 8), generator=g),
                 torch.randint(0, 4, (2, 8), generator=g).to(torch.uint8)) for _ in range(2)]
     n_tokens = sum(int((risk != 2).sum()) for _, _, risk in batches)
-    results = run_distributed(_engine_body, 4, args=(batches, n_tokens))
+    results = run_distributed(_engine_body, 4, args=(batches, n_tokens, variant))
 
-    cfg = _engine_config()
+    cfg = _engine_config(variant)
     model = GPTModel(cfg)
     loss_fn = PipelineLoss("0:ce,1:ce,2:ignore,3:unlikelihood")
     loss_fn.set_scale(1.0 / n_tokens)

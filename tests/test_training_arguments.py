@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_slung.training.arguments import ArgumentError, args_to_dict, parse_args
+from megatron_slung.training.arguments import ArgumentError, args_to_dict, build_parser, parse_args
 from megatron_slung.training.deepspeed_config import STEPS_PER_PRINT
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "32",
@@ -33,8 +33,8 @@ def test_defaults_and_derived_values():
     "extra, world_size, message",
     [
         (["--tensor-model-parallel-size", "3"], 3, r"--num-attention-heads \(8\) is not divisible by --tensor-model-parallel-size \(3\)"),
-        (["--num-query-groups", "2", "--tensor-model-parallel-size", "4"], 4, r"--num-query-groups \(2\) is not divisible"),
-        (["--num-query-groups", "3"], 1, r"multiple of --num-query-groups \(3\)"),
+        (["--group-query-attention", "--num-query-groups", "2", "--tensor-model-parallel-size", "4"], 4, r"--num-query-groups \(2\) is not divisible"),
+        (["--group-query-attention", "--num-query-groups", "3"], 1, r"multiple of --num-query-groups \(3\)"),
         (["--pipeline-model-parallel-size", "3"], 3, r"--num-layers \(4\) is not divisible by --pipeline-model-parallel-size \(3\)"),
         (["--global-batch-size", "6"], 2, r"--global-batch-size \(6\) is not divisible by --micro-batch-size \(2\) x data-parallel size \(2\)"),
         (["--tensor-model-parallel-size", "2"], 3, r"world size 3 is not divisible"),
@@ -170,3 +170,57 @@ def test_shipped_example_deepspeed_configs_agree_with_their_flags():
         a = parse("--global-batch-size", "16", "--bf16", "--deepspeed-config", path, world_size=8)
         assert a.zero_stage == stage
         assert a.deepspeed_config_dict["bf16"]["enabled"]
+
+
+def test_model_defaults_are_megatrons_gpt3_style():
+    from megatron_slung.model.gpt import GPTModel
+    from megatron_slung.training.pretrain import gpt_config_from_args
+
+    a = parse()
+    assert (a.position_embedding_type, a.normalization, a.swiglu, a.openai_gelu) == ("learned_absolute", "LayerNorm",
+                                                                                      False, False)
+    assert a.add_bias_linear and not a.add_qkv_bias and not a.qk_layernorm and not a.apply_layernorm_1p
+    assert a.hidden_dropout == a.attention_dropout == 0.1 and a.init_method_std == 0.02 and a.rotary_percent == 1.0
+    assert a.ffn_hidden_size == 4 * 64 and a.num_query_groups == 8 and not a.group_query_attention
+    names = set(GPTModel(gpt_config_from_args(a, 128)).state_dict())
+    assert {"embedding.position_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.bias",
+            "decoder.layers.0.input_layernorm.bias"} <= names
+    llama = parse("--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear")
+    assert not llama.add_bias_linear and llama.ffn_hidden_size == 128  # int(4 x 64 x 2/3 / 64) x 64
+    assert not any(n.endswith(".bias") or "position" in n for n in GPTModel(gpt_config_from_args(llama, 128)).state_dict())
+
+
+def test_swiglu_mlp_size_default_is_megatrons():
+    a = parse_args(["--num-layers", "2", "--hidden-size", "4096", "--num-attention-heads", "32", "--seq-length", "32",
+                    "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--vocab-size",
+                    "100", "--swiglu"], world_size=1)
+    assert a.ffn_hidden_size == 10880  # not 4h = 16384
+    with pytest.raises(ArgumentError, match="give --ffn-hidden-size"):
+        parse("--swiglu", "--hidden-size", "16", "--num-attention-heads", "2")
+
+
+def test_grouped_query_attention_only_with_its_switch():
+    assert parse("--group-query-attention").num_query_groups == 1  # Megatron's default number of groups
+    b = parse("--group-query-attention", "--num-query-groups", "2")
+    assert b.num_query_groups == 2 and b.group_query_attention
+    assert parse("--num-query-groups", "8").num_query_groups == 8  # = heads: the model without GQA
+    with pytest.raises(ArgumentError, match="--num-query-groups 2 needs --group-query-attention"):
+        parse("--num-query-groups", "2")
+
+
+def test_architecture_flag_combinations():
+    assert parse("--use-rotary-position-embeddings").position_embedding_type == "rope"
+    with pytest.raises(ArgumentError, match="contradicts --position-embedding-type none"):
+        parse("--use-rotary-position-embeddings", "--position-embedding-type", "none")
+    with pytest.raises(ArgumentError, match="--rotary-percent 0.5 has no effect with --position-embedding-type "
+                                            "learned_absolute"):
+        parse("--rotary-percent", "0.5")
+    assert parse("--position-embedding-type", "rope", "--rotary-percent", "0.5").rotary_percent == 0.5
+    with pytest.raises(ArgumentError, match="rotary dimension .* must be even"):
+        parse("--position-embedding-type", "rope", "--rotary-percent", "0.2")
+    with pytest.raises(ArgumentError, match="--openai-gelu .* and --swiglu .* exclude each other"):
+        parse("--openai-gelu", "--swiglu")
+    with pytest.raises(ArgumentError, match="invalid choice: 'yarn'"):
+        parse("--position-embedding-type", "yarn")
+    helps = build_parser().format_help()
+    assert "flash kernel" in helps and "always does" in helps  # --use-flash-attn, --deepspeed: what they mean here

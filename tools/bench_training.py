@@ -32,7 +32,9 @@ LAYOUTS = {  # name -> (processes, extra flags)
     "tp2pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
 }
 
-MODEL = ("--num-layers 4 --hidden-size 256 --num-attention-heads 8 --num-query-groups 4 --ffn-hidden-size 688 "
+MODEL = ("--num-layers 4 --hidden-size 256 --num-attention-heads 8 --group-query-attention --num-query-groups 4 "
+         "--ffn-hidden-size 688 --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
+         "--hidden-dropout 0 --attention-dropout 0 "
          "--seq-length 256 --micro-batch-size 4 --global-batch-size 16 --lr 1e-3 --mock-data --vocab-size 8192 "
          "--eval-iters 0 --num-workers 0 --no-progress-bar --risk-loss-policy masked").split()
 

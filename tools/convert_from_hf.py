@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a local Hugging Face Llama-architecture directory into a megatron-slung checkpoint.
+"""Convert a local Hugging Face Llama / Mistral / Qwen2 / GPT-2 directory into a megatron-slung checkpoint.
 
     python tools/convert_from_hf.py --load HF_DIR --save CKPT \\
         --tensor-model-parallel-size T --pipeline-model-parallel-size P
@@ -13,7 +13,7 @@ written in DeepSpeed's layout for the chosen TP/PP (no optimizer state: the run 
 The vocabulary is padded with zero rows to a multiple of --make-vocab-size-divisible-by x T (Megatron's rule);
 the HF vocabulary size is recorded (``unpadded_vocab_size``), so an export gives back exactly the HF rows.
 Every config.json field and every tensor is used, or the conversion stops naming what it cannot honour
-(e.g. Qwen2's q/k/v biases, sliding-window attention, scaled RoPE). Name mapping: megatron_slung/model/hf_llama.py.
+(e.g. sliding-window attention, scaled RoPE). Name mappings: megatron_slung/model/hf_llama.py, hf_gpt2.py.
 """
 
 import argparse

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a megatron-slung checkpoint (any TP/PP) into a Hugging Face Llama directory.
+"""Convert a megatron-slung checkpoint (any TP/PP) into a Hugging Face directory: LlamaForCausalLM,
+Qwen2ForCausalLM or GPT2LMHeadModel, whichever holds its architecture (any other is refused, naming why).
 
     python tools/convert_to_hf.py --load CKPT --output HF_DIR [--tokenizer-type SentencePieceTokenizer \\
         --tokenizer-model spm.model] [--dtype bfloat16] [--ckpt-tag TAG] [--overwrite]
@@ -9,7 +10,8 @@ The output (config.json, model.safetensors, tokenizer files) loads with
 the one the checkpoint records. Only the real vocabulary is exported (HF ``vocab_size`` = the tokenizer's,
 or the checkpoint's recorded unpadded size): the padding rows are left out, so sampling never emits an
 id that decodes to nothing. A checkpoint that records neither needs ``--vocab-size N``. Every tensor
-of the checkpoint is exported, or the conversion stops naming it. Name mapping: megatron_slung/model/hf_llama.py.
+of the checkpoint is exported, or the conversion stops naming it. Name mappings: megatron_slung/model/hf_llama.py,
+hf_gpt2.py.
 """
 
 import argparse

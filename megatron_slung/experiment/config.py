@@ -31,6 +31,11 @@ TREATMENT_DATA = {"ce": "plain", "filtered": "filtered", "masked": "plain", "unl
 HARM_TAG = "<|potentially_unsafe|>"
 
 
+# The experiment's models are Llama style; the trainer's flag defaults are Megatron's GPT-3 style.
+LLAMA_STYLE_FLAGS = ("--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+                     "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0")
+
+
 @dataclass
 class ModelConfig:
     """Megatron flags of the model and the optimisation (passed to ``python -m megatron_slung.pretrain``)."""
@@ -54,8 +59,8 @@ class ModelConfig:
 
     def flags(self) -> list[str]:
         f = ["--num-layers", self.num_layers, "--hidden-size", self.hidden_size, "--ffn-hidden-size",
-             self.ffn_hidden_size, "--num-attention-heads", self.num_attention_heads, "--num-query-groups",
-             self.num_query_groups, "--seq-length", self.seq_length, "--max-position-embeddings", self.seq_length,
+             self.ffn_hidden_size, "--num-attention-heads", self.num_attention_heads, "--group-query-attention",
+             "--num-query-groups", self.num_query_groups, *LLAMA_STYLE_FLAGS, "--seq-length", self.seq_length, "--max-position-embeddings", self.seq_length,
              "--micro-batch-size", self.micro_batch_size, "--global-batch-size", self.global_batch_size,
              "--train-iters", self.train_iters, "--lr", self.lr, "--min-lr", self.min_lr, "--lr-decay-style",
              "cosine", "--lr-warmup-iters", self.lr_warmup_iters, "--weight-decay", self.weight_decay,

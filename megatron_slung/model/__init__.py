@@ -1,4 +1,4 @@
-"""GPT decoder blocks (RoPE, RMSNorm, SwiGLU, GQA) and pipeline stage specs.
+"""GPT decoder blocks (Megatron's switches: positions, norms, GeLU/SwiGLU, biases, GQA) and pipeline stage specs.
 
 ``gpt`` (the model, its config, FLOPs, TP state-dict helpers) and ``hf_llama`` (Hugging Face adapters)
 import without DeepSpeed; ``pipeline`` (the DeepSpeed PipelineModule) imports DeepSpeed.

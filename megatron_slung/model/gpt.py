@@ -1,15 +1,22 @@
-"""The GPT decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention; tensor- and sequence-parallel.
+"""The GPT decoder as Megatron builds it; tensor- and sequence-parallel.
 
-The math is exactly Hugging Face's ``LlamaForCausalLM`` (so an export is a rename plus splitting of
-fused matrices; ``megatron_slung.model.hf_llama`` does it):
+The architecture switches are Megatron's (``GPTConfig``): positions ``learned_absolute`` (a table added
+to the word embeddings), ``rope`` or ``none``; ``LayerNorm`` or ``RMSNorm`` (optionally zero-centred,
+``apply_layernorm_1p``, and on queries/keys, ``qk_layernorm``); an MLP with GeLU (exact, or tanh with
+``openai_gelu``) or SwiGLU; linear biases (``add_bias_linear``, ``add_qkv_bias``); tied or untied output.
+GPT-3/GPT-2 style is learned positions + LayerNorm + GeLU + biases; Llama style is RoPE + RMSNorm +
+SwiGLU without biases, and then the math is exactly Hugging Face's ``LlamaForCausalLM`` (so an export is a
+rename plus splitting of fused matrices; ``megatron_slung.model.hf_llama`` does it):
 
-* RMSNorm: ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)``, computed in float32;
-* RoPE, "rotate-half" convention: ``inv_freq = 1 / base^(arange(0, d, 2) / d)``, angles
-  ``pos * inv_freq`` concatenated twice, ``q' = q cos + rotate_half(q) sin`` with
-  ``rotate_half([a, b]) = [-b, a]`` (halves of the head dimension), cos/sin made in float32 then cast;
+* RMSNorm: ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)``, computed in float32
+  (LayerNorm: ``layer_norm(x32, weight, bias)``, also in float32);
+* RoPE, "rotate-half" convention: ``inv_freq = 1 / base^(arange(0, r, 2) / r)`` over the first
+  ``r = int(head_dim * rotary_percent)`` channels, angles ``pos * inv_freq`` concatenated twice,
+  ``q' = q cos + rotate_half(q) sin`` with ``rotate_half([a, b]) = [-b, a]``, cos/sin made in float32
+  then cast; the other channels pass through;
 * attention: causal ``scaled_dot_product_attention`` with scale ``1/sqrt(head_dim)``; query head h
   reads key/value group ``h // (heads / groups)``;
-* MLP: ``down(silu(gate(x)) * up(x))``; no biases anywhere; pre-norm residual blocks; final norm.
+* MLP: ``down(silu(gate(x)) * up(x))`` or ``fc2(gelu(fc1(x)))``; pre-norm residual blocks; final norm.
 
 Layout inside the model is [sequence, batch, hidden] (Megatron's), so that sequence parallelism
 splits one contiguous block per TP rank. ``GPTModel.forward`` takes tokens [batch, seq] and returns
@@ -30,6 +37,13 @@ dim, ``nh`` heads, ``ng`` query groups, ``F`` = ffn_hidden_size; Megatron-core's
     decoder.final_layernorm.weight                  [H]               replicated
     output_layer.weight                             [V/tp, H]         only when untied
 
+and, depending on the config: ``embedding.position_embeddings.weight`` [max_positions, H] (replicated;
+learned positions), ``*.bias`` of each LayerNorm (replicated), ``linear_qkv.bias`` [(nh+2ng) d/tp] and
+``linear_fc1.bias`` [2F/tp or F/tp] (split like their weights' rows), ``linear_proj.bias`` and
+``linear_fc2.bias`` [H] (replicated, added after the reduction), ``self_attention.{q,k}_layernorm.weight``
+[d] (replicated; gradients summed over TP, each rank normalising other heads). Without SwiGLU
+``linear_fc1.weight`` is [F/tp, H].
+
 Note the QKV layout is per-part blocks, NOT Megatron-core's per-group interleaving: Megatron-LM
 checkpoints need their QKV rows reordered before loading. Hugging Face Llama names (TP=1 tensors):
 
@@ -45,9 +59,10 @@ checkpoints need their QKV rows reordered before loading. Hugging Face Llama nam
     output_layer.weight (untied) / the embedding (tied) -> lm_head.weight
 
 Initialisation (Megatron's): every matrix ~ N(0, init_method_std), except the two output projections
-of each layer (``linear_proj``, ``linear_fc2``) ~ N(0, init_method_std / sqrt(2 num_layers)); norm
-weights 1. Each parameter is drawn from its own generator seeded by ``(init_seed, parameter name)``,
-so the model is identical for every TP/PP layout and build order.
+of each layer (``linear_proj``, ``linear_fc2``) ~ N(0, init_method_std / sqrt(2 num_layers)); the
+position table ~ N(0, init_method_std); biases 0; norm weights 1 (0 when zero-centred), norm biases 0.
+Each parameter is drawn from its own generator seeded by ``(init_seed, parameter name)``, so the model
+is identical for every TP/PP layout and build order.
 """
 
 from __future__ import annotations
@@ -64,6 +79,7 @@ from torch import nn
 from megatron_slung.parallel import state
 from megatron_slung.parallel.layers import (
     ColumnParallelLinear,
+    mark_replicated,
     RowParallelLinear,
     VocabParallelEmbedding,
     merge_tensor_parallel_shards,
@@ -76,13 +92,20 @@ from megatron_slung.parallel.mappings import (
 )
 from megatron_slung.parallel.random import checkpoint, get_rng_tracker
 
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 # --------------------------------------------------------------------------- config
 @dataclass(kw_only=True)
 class GPTConfig:
-    """Architecture of the decoder (Megatron's flag names, without dashes)."""
+    """Architecture of the decoder (Megatron's flag names, without dashes).
+
+    The dataclass defaults of the architecture switches are the Llama-style model this project built
+    before they existed (RoPE, RMSNorm, SwiGLU, no biases), so that a checkpoint that does not name a
+    field is read as the model it was. The command line's defaults are Megatron's (learned positions,
+    LayerNorm, GeLU, biases, dropout 0.1): see ``megatron_slung.training.arguments``."""
 
     num_layers: int
     hidden_size: int
@@ -102,6 +125,15 @@ class GPTConfig:
     sequence_parallel: bool = False
     recompute_activations: bool = False  # recompute each whole transformer layer in the backward
     params_dtype: torch.dtype = torch.float32
+    position_embedding_type: str = "rope"  # "learned_absolute" | "rope" | "none"
+    rotary_percent: float = 1.0  # RoPE on the first int(head_dim * rotary_percent) channels of each head
+    normalization: str = "RMSNorm"  # "LayerNorm" (weight and bias) | "RMSNorm" (weight)
+    apply_layernorm_1p: bool = False  # zero-centred gamma: the norms compute (1 + weight), weight starts at 0
+    qk_layernorm: bool = False  # a norm (of `normalization`'s kind) over each query and key head, before RoPE
+    swiglu: bool = True  # the MLP: silu(gate) * up; False: one matrix and GeLU
+    openai_gelu: bool = False  # GeLU's tanh approximation instead of the exact erf (not with swiglu)
+    add_bias_linear: bool = False  # biases in linear_qkv, linear_proj, linear_fc1, linear_fc2
+    add_qkv_bias: bool = False  # a bias in linear_qkv only (Qwen2)
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -115,6 +147,12 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig: {name} must be a positive integer, got {value!r}")
+        choices = {"position_embedding_type": POSITION_EMBEDDING_TYPES, "normalization": NORMALIZATIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.swiglu and self.openai_gelu:
+            raise ValueError("GPTConfig: openai_gelu (a GeLU MLP) and swiglu (a SiLU-gated MLP) exclude each other")
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError(
@@ -122,8 +160,12 @@ class GPTConfig:
                     f"({self.num_attention_heads}); set kv_channels explicitly"
                 )
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        if self.kv_channels % 2 != 0:
-            raise ValueError(f"GPTConfig: the head dimension ({self.kv_channels}) must be even for RoPE")
+        if self.position_embedding_type == "rope":
+            if not 0.0 < self.rotary_percent <= 1.0:
+                raise ValueError(f"GPTConfig: rotary_percent must be in (0, 1], got {self.rotary_percent}")
+            if self.rotary_dim < 2 or self.rotary_dim % 2 != 0:
+                raise ValueError(f"GPTConfig: the rotary dimension int(head_dim {self.kv_channels} x rotary_percent "
+                                 f"{self.rotary_percent}) = {self.rotary_dim} must be even and >= 2 for RoPE")
         if self.num_attention_heads % self.num_query_groups != 0:
             raise ValueError(
                 f"GPTConfig: num_attention_heads ({self.num_attention_heads}) is not divisible by "
@@ -132,6 +174,15 @@ class GPTConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"GPTConfig: {name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates (Megatron: int(kv_channels * rotary_percent))."""
+        return int(self.kv_channels * self.rotary_percent)
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.add_bias_linear or self.add_qkv_bias
 
     @property
     def head_dim(self) -> int:
@@ -158,14 +209,33 @@ class GPTConfig:
                 f"seq-length ({seq_length}) is larger than max-position-embeddings ({self.max_position_embeddings})"
             )
 
-    def num_parameters(self, include_embeddings: bool = True) -> int:
-        """Parameters of the whole model (all TP/PP ranks together; a tied matrix counted once)."""
+    def layer_parameters(self) -> int:
+        """Parameters of one transformer layer (full size, all TP ranks): matrices, biases and norms."""
         h, d, f = self.hidden_size, self.head_dim, self.ffn_hidden_size
-        attn = h * (self.num_attention_heads + 2 * self.num_query_groups) * d + self.num_attention_heads * d * h
-        layer = attn + 3 * h * f + 2 * h
-        total = self.num_layers * layer + h  # + final norm
+        nh, ng = self.num_attention_heads, self.num_query_groups
+        norm = h * (2 if self.normalization == "LayerNorm" else 1)  # weight (and LayerNorm's bias)
+        qkv_out = (nh + 2 * ng) * d
+        fc1_out = (2 if self.swiglu else 1) * f
+        attn = h * qkv_out + nh * d * h + (qkv_out if self.qkv_bias else 0) + (h if self.add_bias_linear else 0)
+        mlp = h * fc1_out + f * h + ((fc1_out + h) if self.add_bias_linear else 0)
+        qk_norms = 2 * d * (2 if self.normalization == "LayerNorm" else 1) if self.qk_layernorm else 0
+        return attn + mlp + 2 * norm + qk_norms
+
+    def embedding_parameters(self) -> int:
+        """Word embeddings (and learned positions) of the first stage."""
+        positions = self.max_position_embeddings if self.position_embedding_type == "learned_absolute" else 0
+        return (self.vocab_size + positions) * self.hidden_size
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameters of the whole model (all TP/PP ranks together; a tied matrix counted once), biases,
+        LayerNorm betas and learned positions included; without embeddings: no word/position embeddings
+        and no output layer."""
+        final_norm = self.hidden_size * (2 if self.normalization == "LayerNorm" else 1)
+        total = self.num_layers * self.layer_parameters() + final_norm
         if include_embeddings:
-            total += self.vocab_size * h * (2 if self.untie_embeddings_and_output_weights else 1)
+            total += self.embedding_parameters()
+            if self.untie_embeddings_and_output_weights:
+                total += self.vocab_size * self.hidden_size
         return total
 
     def to_dict(self) -> dict:
@@ -215,18 +285,22 @@ def flops_per_token(config: GPTConfig, seq_length: int, training: bool = True) -
 
     Forward = 2 x (parameters used in matmuls) + attention, per token:
 
-        matmul params N = L [H (nh + 2 ng) d  +  nh d H  +  3 H F]  +  V H      (QKV, out-proj, SwiGLU, logits)
+        matmul params N = L [H (nh + 2 ng) d  +  nh d H  +  m H F]  +  V H      (QKV, out-proj, MLP, logits;
+                                                                      m = 3 with SwiGLU, 2 with GeLU)
         attention       = 2 x 2 L S nh d            (Q K^T and A V over the full S x S, as PaLM counts it:
                                                      the causal mask is not halved away)
 
     Training = 3 x forward (forward, backward data-grad, backward weight-grad):
     ``6 N + 12 L S nh d``, PaLM's "6N + 12 L H Q T" with N the matmul parameters (the output layer
     included, the embedding lookup not). Recomputation is not counted (model FLOPs, not hardware FLOPs).
+    Like Megatron's formula, it counts matmuls only: bias adds, norms and position lookups are O(H) per
+    token, not O(H^2) (they are parameters, counted by ``num_parameters``, but not matmul FLOPs).
     """
     c = config
     h, d, L = c.hidden_size, c.head_dim, c.num_layers
     matmul_params = L * (h * (c.num_attention_heads + 2 * c.num_query_groups) * d
-                         + c.num_attention_heads * d * h + 3 * h * c.ffn_hidden_size) + c.vocab_size * h
+                         + c.num_attention_heads * d * h + (3 if c.swiglu else 2) * h * c.ffn_hidden_size) \
+        + c.vocab_size * h
     forward = 2 * matmul_params + 4 * L * seq_length * c.num_attention_heads * d
     return float(3 * forward if training else forward)
 
@@ -252,32 +326,68 @@ def _output_std(config: GPTConfig) -> float:
 
 
 # --------------------------------------------------------------------------- blocks
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm. With sequence parallelism each TP rank sees 1/tp of the tokens, so the
-    weight's gradient is partial: it is summed over the TP group (``copy_to`` on the weight)."""
+class Norm(nn.Module):
+    """LayerNorm (weight and bias) or Llama's RMSNorm (weight), computed in float32.
 
-    def __init__(self, hidden_size: int, eps: float, *, sequence_parallel: bool = False,
-                 params_dtype: torch.dtype = torch.float32, device=None):
+    RMSNorm: ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)`` (Hugging Face's, bit for bit);
+    LayerNorm: ``layer_norm(x32, weight, bias, eps).to(x.dtype)``. With ``zero_centered_gamma``
+    (``--apply-layernorm-1p``) the stored weight is gamma - 1: it starts at 0 and the norm uses 1 + weight.
+
+    ``grad_summed_over_tp``: each TP rank sees other inputs (its tokens under sequence parallelism, its
+    heads for the q/k norms), so the parameters' gradients are partial and summed over the TP group
+    (``copy_to`` on the parameters)."""
+
+    def __init__(self, hidden_size: int, eps: float, *, normalization: str = "RMSNorm",
+                 zero_centered_gamma: bool = False, sequence_parallel: bool = False,
+                 grad_summed_over_tp: Optional[bool] = None, params_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
         self.eps = eps
-        self.sequence_parallel = sequence_parallel
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype, device=device))
-        self.weight.sequence_parallel = sequence_parallel  # Megatron's attribute, for tools that look
-        # DeepSpeed counts a parameter in the gradient norm where `model_parallel` (or
-        # `tensor_model_parallel`) is set, or on model-parallel rank 0. Replicated over TP, this
-        # weight must count once per pipeline stage: on TP rank 0 (DeepSpeed's fp32 clipping would
-        # otherwise drop it on every stage but the first).
-        self.weight.model_parallel = state.get_tensor_model_parallel_rank() == 0
+        self.normalization = normalization
+        self.zero_centered_gamma = zero_centered_gamma
+        self.grad_summed_over_tp = sequence_parallel if grad_summed_over_tp is None else grad_summed_over_tp
+        init = torch.zeros if zero_centered_gamma else torch.ones
+        self.weight = nn.Parameter(init(hidden_size, dtype=params_dtype, device=device))
+        mark_replicated(self.weight, self.grad_summed_over_tp)
+        self.bias = None
+        if normalization == "LayerNorm":
+            self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=params_dtype, device=device))
+            mark_replicated(self.bias, self.grad_summed_over_tp)
+
+    def _param(self, p: torch.Tensor) -> torch.Tensor:
+        return copy_to_tensor_model_parallel_region(p) if self.grad_summed_over_tp else p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = copy_to_tensor_model_parallel_region(self.weight) if self.sequence_parallel else self.weight
+        weight = self._param(self.weight)
+        if self.zero_centered_gamma:
+            weight = weight + 1
         x32 = x.to(torch.float32)
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * normed.to(x.dtype)
+        if self.bias is None:
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            return weight * normed.to(x.dtype)
+        bias = self._param(self.bias)
+        return F.layer_norm(x32, x.shape[-1:], weight.float(), bias.float(), self.eps).to(x.dtype)
+
+
+class RMSNorm(Norm):
+    """Llama's RMSNorm (``Norm`` with ``normalization="RMSNorm"``)."""
+
+    def __init__(self, hidden_size: int, eps: float, **kwargs):
+        super().__init__(hidden_size, eps, normalization="RMSNorm", **kwargs)
+
+
+def build_norm(config: GPTConfig, size: Optional[int] = None, grad_summed_over_tp: Optional[bool] = None) -> Norm:
+    """The config's norm over ``size`` channels (default hidden_size)."""
+    c = config
+    return Norm(size or c.hidden_size, c.norm_epsilon, normalization=c.normalization,
+                zero_centered_gamma=c.apply_layernorm_1p, sequence_parallel=c.sequence_parallel,
+                grad_summed_over_tp=grad_summed_over_tp, params_dtype=c.params_dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [*positions.shape, head_dim] in float32 (Hugging Face's default RoPE, bit for bit)."""
+    """cos, sin [*positions.shape, head_dim] in float32 (Hugging Face's default RoPE, bit for bit).
+    ``head_dim`` here is the rotary dimension (all of the head unless rotary_percent < 1)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -290,28 +400,44 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [S, B, heads, d]; cos/sin broadcastable to it (float32, cast to x's dtype like HF)."""
+    """x [S, B, heads, d]; cos/sin broadcastable to its first rotary channels (float32, cast to x's dtype
+    like HF). Channels beyond cos's width pass through (partial rotary, Megatron's --rotary-percent)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 def rope_for(seq_length: int, batch: int, config: GPTConfig, device, position_ids: Optional[torch.Tensor] = None):
-    """cos/sin shaped [S, 1, 1, d] (default positions 0..S-1) or [S, B, 1, d] (position_ids [B, S])."""
+    """cos/sin shaped [S, 1, 1, r] (default positions 0..S-1) or [S, B, 1, r] (position_ids [B, S]),
+    r = the rotary dimension; (None, None) when the model has no RoPE."""
+    if config.position_embedding_type != "rope":
+        return None, None
     if position_ids is None:
         positions = torch.arange(seq_length, device=device)
-        cos, sin = rope_cos_sin(positions, config.head_dim, config.rotary_base)
+        cos, sin = rope_cos_sin(positions, config.rotary_dim, config.rotary_base)
         return cos[:, None, None, :], sin[:, None, None, :]
+    _check_position_ids(position_ids, batch, seq_length)
+    cos, sin = rope_cos_sin(position_ids.t(), config.rotary_dim, config.rotary_base)
+    return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def _check_position_ids(position_ids: torch.Tensor, batch: int, seq_length: int) -> None:
     if position_ids.shape != (batch, seq_length):
         raise ValueError(f"position_ids must be [batch, seq] = [{batch}, {seq_length}], got {tuple(position_ids.shape)}")
-    cos, sin = rope_cos_sin(position_ids.t(), config.head_dim, config.rotary_base)
-    return cos[:, :, None, :], sin[:, :, None, :]
 
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 class SelfAttention(nn.Module):
-    """Causal grouped-query self-attention; heads and query groups split across TP ranks."""
+    """Causal grouped-query self-attention; heads and query groups split across TP ranks.
+
+    Optional: a bias on the fused QKV (``add_bias_linear`` or ``add_qkv_bias``) and on the output
+    projection (``add_bias_linear``); per-head norms of the queries and keys (``qk_layernorm``, Megatron's
+    ``q_layernorm``/``k_layernorm``, applied before RoPE)."""
 
     def __init__(self, config: GPTConfig, layer_number: int):
         super().__init__()
@@ -327,23 +453,33 @@ class SelfAttention(nn.Module):
             init_method=normal_init(c.init_method_std, c.init_seed, f"{prefix}.linear_qkv.weight"),
             sequence_parallel=c.sequence_parallel,
             output_parts=[c.num_attention_heads * d, c.num_query_groups * d, c.num_query_groups * d],
+            bias=c.qkv_bias,
             params_dtype=c.params_dtype,
         )
         self.linear_proj = RowParallelLinear(
             c.num_attention_heads * d, c.hidden_size,
             init_method=normal_init(_output_std(c), c.init_seed, f"{prefix}.linear_proj.weight"),
             sequence_parallel=c.sequence_parallel,
+            bias=c.add_bias_linear,
             params_dtype=c.params_dtype,
         )
+        self.q_layernorm = self.k_layernorm = None
+        if c.qk_layernorm:  # shared by the heads, which are split across TP ranks: gradients summed over TP
+            self.q_layernorm = build_norm(c, d, grad_summed_over_tp=tp > 1)
+            self.k_layernorm = build_norm(c, d, grad_summed_over_tp=tp > 1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
         d = self.config.head_dim
         qkv = self.linear_qkv(x)  # [S, B, (nh + 2 ng) d / tp]
         s, b = qkv.shape[:2]
         q, k, v = qkv.split([self.heads_per_rank * d, self.groups_per_rank * d, self.groups_per_rank * d], dim=-1)
-        q = apply_rope(q.view(s, b, self.heads_per_rank, d), cos, sin)
-        k = apply_rope(k.view(s, b, self.groups_per_rank, d), cos, sin)
+        q = q.view(s, b, self.heads_per_rank, d)
+        k = k.view(s, b, self.groups_per_rank, d)
         v = v.view(s, b, self.groups_per_rank, d)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # SDPA wants [B, heads, S, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         n_rep = self.heads_per_rank // self.groups_per_rank
@@ -365,29 +501,38 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``fc2(silu(gate) * up)`` with [gate; up] fused in one column-parallel matrix."""
+    """SwiGLU ``fc2(silu(gate) * up)`` with [gate; up] fused in one column-parallel matrix, or (``swiglu``
+    off) ``fc2(gelu(fc1(x)))``: exact (erf) GeLU, Megatron's default, or the tanh approximation with
+    ``openai_gelu`` (Hugging Face's ``gelu_new``). Biases on both matrices with ``add_bias_linear``."""
 
     def __init__(self, config: GPTConfig, layer_number: int):
         super().__init__()
         c = config
+        self.config = c
         prefix = f"decoder.layers.{layer_number}.mlp"
+        f = c.ffn_hidden_size
         self.linear_fc1 = ColumnParallelLinear(
-            c.hidden_size, 2 * c.ffn_hidden_size,
+            c.hidden_size, 2 * f if c.swiglu else f,
             init_method=normal_init(c.init_method_std, c.init_seed, f"{prefix}.linear_fc1.weight"),
             sequence_parallel=c.sequence_parallel,
-            output_parts=[c.ffn_hidden_size, c.ffn_hidden_size],
+            output_parts=[f, f] if c.swiglu else None,
+            bias=c.add_bias_linear,
             params_dtype=c.params_dtype,
         )
         self.linear_fc2 = RowParallelLinear(
-            c.ffn_hidden_size, c.hidden_size,
+            f, c.hidden_size,
             init_method=normal_init(_output_std(c), c.init_seed, f"{prefix}.linear_fc2.weight"),
             sequence_parallel=c.sequence_parallel,
+            bias=c.add_bias_linear,
             params_dtype=c.params_dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
-        return self.linear_fc2(F.silu(gate) * up)
+        h = self.linear_fc1(x)
+        if self.config.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.linear_fc2(F.silu(gate) * up)
+        return self.linear_fc2(F.gelu(h, approximate="tanh" if self.config.openai_gelu else "none"))
 
 
 def _hidden_dropout(x: torch.Tensor, p: float, training: bool, sequence_parallel: bool) -> torch.Tensor:
@@ -403,8 +548,9 @@ class TransformerLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
     ``forward(hidden, cos=None, sin=None)``: hidden [S, B, H] ([S/tp, B, H] with sequence
-    parallelism); cos/sin from ``rope_for`` (computed here for positions 0..S-1 when omitted).
-    With ``recompute_activations`` only the layer's input is kept; the rest is recomputed in backward.
+    parallelism); cos/sin from ``rope_for`` (computed here for positions 0..S-1 when omitted; unused
+    without RoPE). With ``recompute_activations`` only the layer's input is kept; the rest is recomputed
+    in backward.
     """
 
     def __init__(self, config: GPTConfig, layer_number: int):
@@ -412,14 +558,13 @@ class TransformerLayer(nn.Module):
         c = config
         self.config = c
         self.layer_number = layer_number
-        norm_kwargs = dict(sequence_parallel=c.sequence_parallel, params_dtype=c.params_dtype)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_epsilon, **norm_kwargs)
+        self.input_layernorm = build_norm(c)
         self.self_attention = SelfAttention(c, layer_number)
-        self.pre_mlp_layernorm = RMSNorm(c.hidden_size, c.norm_epsilon, **norm_kwargs)
+        self.pre_mlp_layernorm = build_norm(c)
         self.mlp = MLP(c, layer_number)
         self._compiled_forward = None  # set by compile_body()
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
         c = self.config
         x = x + _hidden_dropout(self.self_attention(self.input_layernorm(x), cos, sin),
                                 c.hidden_dropout, self.training, c.sequence_parallel)
@@ -441,9 +586,15 @@ class TransformerLayer(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embedding: tokens [B, S] -> [S, B, H] (or [S/tp, B, H] with sequence parallelism)."""
+    """Token embedding, plus learned absolute positions (``position_embedding_type="learned_absolute"``):
+    tokens [B, S] -> [S, B, H] (or [S/tp, B, H] with sequence parallelism).
 
-    def __init__(self, config: GPTConfig):
+    The position table [max_position_embeddings, H] is replicated over TP. Under sequence parallelism
+    each rank adds the rows of its own block of positions, so the table's gradient is partial and summed
+    over the TP group; without it every rank computes the same gradient. ``with_positions=False`` builds
+    the word embeddings only (the tied output layer of the last pipeline stage)."""
+
+    def __init__(self, config: GPTConfig, with_positions: bool = True):
         super().__init__()
         c = config
         self.config = c
@@ -453,11 +604,32 @@ class Embedding(nn.Module):
             sequence_parallel=c.sequence_parallel,
             params_dtype=c.params_dtype,
         )
+        self.position_embeddings = None
+        if with_positions and c.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size, dtype=c.params_dtype)
+            master = torch.empty(c.max_position_embeddings, c.hidden_size, dtype=torch.float32)
+            normal_init(c.init_method_std, c.init_seed, "embedding.position_embeddings.weight")(master)
+            with torch.no_grad():
+                self.position_embeddings.weight.copy_(master)
+            mark_replicated(self.position_embeddings.weight, c.sequence_parallel)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         x = self.word_embeddings(tokens.t())  # [S, B, H]; reduce(-scatter)ed over TP
+        if self.position_embeddings is not None:
+            b, s = tokens.shape
+            if position_ids is None:
+                positions = torch.arange(s, device=tokens.device)[:, None]  # [S, 1]
+            else:
+                _check_position_ids(position_ids, b, s)
+                positions = position_ids.t()  # [S, B]
+            weight = self.position_embeddings.weight
+            if self.config.sequence_parallel:  # this rank's block of the sequence
+                tp, rank = state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank()
+                positions = positions.chunk(tp, dim=0)[rank]
+                weight = copy_to_tensor_model_parallel_region(weight)
+            x = x + F.embedding(positions, weight)
         return _hidden_dropout(x, self.config.hidden_dropout, self.training, self.config.sequence_parallel)
 
 
@@ -488,8 +660,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         numbers = range(config.num_layers) if layer_numbers is None else layer_numbers
         self.layers = nn.ModuleList(TransformerLayer(config, i) for i in numbers)
-        self.final_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon,
-                                       sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype)
+        self.final_layernorm = build_norm(config)
 
 
 def output_layer(config: GPTConfig) -> ColumnParallelLinear:
@@ -537,7 +708,7 @@ class GPTModel(nn.Module):
         b, s = tokens.shape
         c = self.config
         cos, sin = rope_for(s, b, c, tokens.device, position_ids)
-        x = self.embedding(tokens)
+        x = self.embedding(tokens, position_ids)
         for layer in self.decoder.layers:
             x = layer(x, cos, sin)
         x = self.decoder.final_layernorm(x)
@@ -578,19 +749,33 @@ def pipeline_layer_prefixes(config: GPTConfig) -> List[Optional[str]]:
 def tensor_parallel_layout(config: GPTConfig) -> Dict[str, Tuple[Optional[int], Optional[Tuple[int, ...]]]]:
     """For every parameter name of ``GPTModel``: (partition dim or None if replicated, parts or None)."""
     c, d = config, config.head_dim
-    layout: Dict[str, Tuple[Optional[int], Optional[Tuple[int, ...]]]] = {
-        "embedding.word_embeddings.weight": (0, None),
-        "decoder.final_layernorm.weight": (None, None),
-    }
+    layout: Dict[str, Tuple[Optional[int], Optional[Tuple[int, ...]]]] = {"embedding.word_embeddings.weight": (0, None)}
+    replicated = (None, None)
+    if c.position_embedding_type == "learned_absolute":
+        layout["embedding.position_embeddings.weight"] = replicated
+    norm_params = ("weight", "bias") if c.normalization == "LayerNorm" else ("weight",)
+    qkv_parts = (c.num_attention_heads * d, c.num_query_groups * d, c.num_query_groups * d)
+    fc1_parts = (c.ffn_hidden_size, c.ffn_hidden_size) if c.swiglu else None
     for i in range(c.num_layers):
         p = f"decoder.layers.{i}."
-        layout[p + "input_layernorm.weight"] = (None, None)
-        layout[p + "self_attention.linear_qkv.weight"] = (
-            0, (c.num_attention_heads * d, c.num_query_groups * d, c.num_query_groups * d))
+        norms = ["input_layernorm", "pre_mlp_layernorm"]
+        if c.qk_layernorm:
+            norms += ["self_attention.q_layernorm", "self_attention.k_layernorm"]
+        for norm in norms:
+            for param in norm_params:
+                layout[f"{p}{norm}.{param}"] = replicated
+        layout[p + "self_attention.linear_qkv.weight"] = (0, qkv_parts)
         layout[p + "self_attention.linear_proj.weight"] = (1, None)
-        layout[p + "pre_mlp_layernorm.weight"] = (None, None)
-        layout[p + "mlp.linear_fc1.weight"] = (0, (c.ffn_hidden_size, c.ffn_hidden_size))
+        layout[p + "mlp.linear_fc1.weight"] = (0, fc1_parts)
         layout[p + "mlp.linear_fc2.weight"] = (1, None)
+        if c.qkv_bias:
+            layout[p + "self_attention.linear_qkv.bias"] = (0, qkv_parts)  # split like the weight's rows
+        if c.add_bias_linear:
+            layout[p + "self_attention.linear_proj.bias"] = replicated  # added once, after the reduce
+            layout[p + "mlp.linear_fc1.bias"] = (0, fc1_parts)
+            layout[p + "mlp.linear_fc2.bias"] = replicated
+    for param in norm_params:
+        layout["decoder.final_layernorm." + param] = replicated
     if c.untie_embeddings_and_output_weights:
         layout["output_layer.weight"] = (0, None)
     return layout

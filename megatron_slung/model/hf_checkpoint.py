@@ -1,7 +1,10 @@
-"""Model exchange on disk: megatron-slung checkpoints <-> Hugging Face Llama directories.
+"""Model exchange on disk: megatron-slung checkpoints <-> Hugging Face Llama / Qwen2 / GPT-2 directories.
 
-The tensor-name mapping lives in one place, `megatron_slung.model.hf_llama` (TP=1 state dicts), and the
-TP split/merge rules in `megatron_slung.model.gpt`; this module only reads and writes files, and is what
+The tensor-name mappings live in `megatron_slung.model.hf_llama` (Llama style: LlamaForCausalLM, with or
+without biases, and Qwen2ForCausalLM for q/k/v biases) and `megatron_slung.model.hf_gpt2` (GPT-2 style:
+GPT2LMHeadModel), both on TP=1 state dicts; `hf_adapter` picks the one that holds a model, and refuses a
+model neither holds naming what stands in the way. The TP split/merge rules are in `megatron_slung.model.gpt`;
+this module only reads and writes files, and is what
 ``tools/convert_to_hf.py``, ``tools/convert_from_hf.py`` and the evaluations (``--model CKPT``) use.
 
 Checkpoint layout (DeepSpeed's, so the trainer loads what ``convert_from_hf`` writes)::
@@ -38,7 +41,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_slung.model import hf_llama
+from megatron_slung.model import hf_gpt2, hf_llama
 from megatron_slung.model.gpt import (
     GPTConfig,
     merge_tensor_parallel_state_dicts,
@@ -109,9 +112,9 @@ def _load(path: str) -> dict:
 _ARG_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon", "init_method_std",
                "untie_embeddings_and_output_weights")
-# Trainer arguments of features a Llama export cannot hold: only these values are accepted (absent is fine).
-_ARG_ONLY = {"position_embedding_type": ("rope",), "normalization": ("RMSNorm",), "rotary_percent": (1.0,),
-             "add_qkv_bias": (False,), "qk_layernorm": (False,)}
+# The architecture switches, written to the arguments too (for people; the record is what is read).
+_SWITCH_FIELDS = ("position_embedding_type", "rotary_percent", "normalization", "apply_layernorm_1p", "qk_layernorm",
+                  "swiglu", "openai_gelu", "add_bias_linear", "add_qkv_bias")
 TRAIN_STATE_FILE = "slung_state.pt"  # the trainer's own state (megatron_slung.training.checkpointing)
 
 
@@ -136,10 +139,9 @@ def config_values(meta: dict, args: dict, where: str) -> dict:
 
     ``vocab_size`` may be missing (it is then read off the embedding's shape)."""
     args = args or (meta.get("args") if isinstance(meta.get("args"), dict) else {})
-    for name, allowed in _ARG_ONLY.items():
-        if name in args and args[name] not in allowed:
-            raise CheckpointError(f"{where}: the model was trained with --{name.replace('_', '-')} {args[name]}, which "
-                                  f"a Llama model cannot hold (only {allowed[0]!r})")
+    # The architecture switches (positions, norms, MLP, biases) come from the record only: an older checkpoint
+    # without one was built Llama style whatever its arguments say (the flags were accepted and ignored then),
+    # which are GPTConfig's defaults.
     arch = meta.get("model_architecture")
     if isinstance(arch, dict):
         values = {k: args[k] for k in _ARG_FIELDS if args and args.get(k) is not None}
@@ -209,7 +211,7 @@ def read_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[StateDict, GP
 
 def train_args(config: GPTConfig, tensor_parallel: int, pipeline_parallel: int, tokenizer: dict) -> dict:
     """The model's trainer arguments (Megatron names), for ``slung_state.pt`` / ``args.json``."""
-    args = {k: getattr(config, k) for k in _ARG_FIELDS}
+    args = {k: getattr(config, k) for k in _ARG_FIELDS + _SWITCH_FIELDS}
     args.update(padded_vocab_size=config.vocab_size, tensor_model_parallel_size=tensor_parallel,
                 pipeline_model_parallel_size=pipeline_parallel)
     if tokenizer:
@@ -312,20 +314,43 @@ def write_checkpoint(path: str, full: StateDict, config: GPTConfig, tensor_paral
 
 
 # --------------------------------------------------------------------------- Hugging Face directories
-def hf_model_from_state_dict(full: StateDict, config: GPTConfig, dtype: torch.dtype = torch.float32):
-    """An in-memory ``LlamaForCausalLM`` with our weights (no files)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_cfg = LlamaConfig(**{k: v for k, v in hf_llama.hf_config_dict(config).items() if k not in ("architectures", "torch_dtype")})
-    model = LlamaForCausalLM(hf_cfg)
+def hf_adapter(config: GPTConfig):
+    """The adapter module (``hf_llama`` or ``hf_gpt2``) whose Hugging Face class holds ``config``'s model;
+    ValueError naming, for each, what it cannot hold."""
+    if hf_gpt2.is_gpt2(config):
+        return hf_gpt2
     try:
-        sd = hf_llama.to_hf_state_dict(full, config)
+        hf_llama.llama_model_type(config)
+    except ValueError as e:
+        raise ValueError(f"{e}; and {'; '.join(hf_gpt2.gpt2_problems(config))} for GPT2LMHeadModel: no Hugging "
+                         "Face class holds this combination") from None
+    return hf_llama
+
+
+def hf_adapter_for(hf_cfg: dict):
+    """The adapter for a ``config.json``: GPT-2 for model_type gpt2, else the Llama family's (which refuses
+    the types it does not know)."""
+    return hf_gpt2 if hf_cfg.get("model_type") == "gpt2" else hf_llama
+
+
+def hf_model_from_state_dict(full: StateDict, config: GPTConfig, dtype: torch.dtype = torch.float32):
+    """An in-memory ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``GPT2LMHeadModel`` with our weights (no files)."""
+    import transformers
+
+    try:
+        adapter = hf_adapter(config)
+        cfg_dict = adapter.hf_config_dict(config)
+        sd = adapter.to_hf_state_dict(full, config)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    cls_name = cfg_dict["architectures"][0]
+    hf_cfg = transformers.AutoConfig.for_model(
+        cfg_dict["model_type"], **{k: v for k, v in cfg_dict.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    model = getattr(transformers, cls_name)(hf_cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # A tied model has no lm_head.weight of its own: it is the embedding (tied by transformers).
     if unexpected or set(missing) - {"lm_head.weight"} or ("lm_head.weight" in missing and not hf_cfg.tie_word_embeddings):
-        raise CheckpointError(f"weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"weights do not fit {cls_name}: missing {missing}, unexpected {unexpected}")
     return model.to(dtype).eval()
 
 
@@ -456,11 +481,12 @@ def save_hf_directory(out_dir: str, full: StateDict, config: GPTConfig, tokenize
         if tok is not None:
             extra.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         try:
-            tensors = {k: v.to(dtype).contiguous() for k, v in hf_llama.to_hf_state_dict(full, config).items()}
+            adapter = hf_adapter(config)
+            tensors = {k: v.to(dtype).contiguous() for k, v in adapter.to_hf_state_dict(full, config).items()}
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_llama.hf_config_dict(config, **extra), f, indent=2)
+            json.dump(adapter.hf_config_dict(config, **extra), f, indent=2)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _commit_dir(tmp, out_dir)
     except BaseException:
@@ -470,12 +496,13 @@ def save_hf_directory(out_dir: str, full: StateDict, config: GPTConfig, tokenize
 
 
 def load_hf_directory(path: str, vocab_divisible_by: int = 1, tensor_parallel: int = 1) -> Tuple[StateDict, GPTConfig, int]:
-    """A local HF Llama directory -> (TP=1 GPTModel state dict, GPTConfig, HF vocabulary size), fp32.
+    """A local HF Llama / Mistral / Qwen2 / GPT-2 directory -> (TP=1 GPTModel state dict, GPTConfig, HF
+    vocabulary size), fp32.
 
     The vocabulary is padded (new rows zero) to a multiple of ``vocab_divisible_by`` x ``tensor_parallel``
     (Megatron's rule, the trainer's) so that it splits across TP ranks; the returned HF size is what an
     export keeps. Every field of config.json and every tensor is used or refused (see
-    `hf_llama.config_from_hf`, `hf_llama.from_hf_state_dict`).
+    `hf_llama` / `hf_gpt2`: ``config_from_hf``, ``from_hf_state_dict``).
     """
     from safetensors import safe_open
 
@@ -484,8 +511,9 @@ def load_hf_directory(path: str, vocab_divisible_by: int = 1, tensor_parallel: i
         raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
     with open(cfg_path, encoding="utf-8") as f:
         hf_cfg = json.load(f)
+    adapter = hf_adapter_for(hf_cfg)
     try:
-        config = hf_llama.config_from_hf(hf_cfg)
+        config = adapter.config_from_hf(hf_cfg)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -501,7 +529,7 @@ def load_hf_directory(path: str, vocab_divisible_by: int = 1, tensor_parallel: i
                 origin[name] = f
                 hf_sd[name] = st.get_tensor(name).float()
     try:
-        full = hf_llama.from_hf_state_dict(hf_sd, config)
+        full = adapter.from_hf_state_dict(hf_sd, config)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     hf_vocab = config.vocab_size
@@ -523,7 +551,7 @@ def resolve_tokenizer(ckpt_path: str, meta: dict) -> Tuple[Optional[str], Option
 
 def load_checkpoint_as_hf(path: str, dtype: torch.dtype = torch.float32, tokenizer_type: Optional[str] = None,
                           tokenizer_model: Optional[str] = None):
-    """A checkpoint -> (in-memory LlamaForCausalLM, HF tokenizer), for the evaluations' ``--model CKPT``."""
+    """A checkpoint -> (in-memory Hugging Face model, HF tokenizer), for the evaluations' ``--model CKPT``."""
     full, config, meta = read_checkpoint(path)
     kind, model_path = resolve_tokenizer(path, meta)
     kind, model_path = tokenizer_type or kind, tokenizer_model or model_path

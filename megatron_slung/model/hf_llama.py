@@ -1,7 +1,14 @@
-"""Hugging Face Llama <-> GPTModel: config and state-dict adapters (pure functions, no files).
+"""Hugging Face Llama / Qwen2 <-> GPTModel: config and state-dict adapters (pure functions, no files).
 
-The two models compute the same function (see the docstring of ``megatron_slung.model.gpt``), so a
-conversion only renames tensors and splits/concatenates the fused ones:
+A Llama-style GPTModel (RoPE over the whole head, RMSNorm, SwiGLU; ``llama_model_type`` checks) computes
+what these classes compute (see the docstring of ``megatron_slung.model.gpt``):
+
+    no biases                                   LlamaForCausalLM (attention_bias, mlp_bias false)
+    --add-qkv-bias (q/k/v biases only)          Qwen2ForCausalLM
+    linear biases (--disable-bias-linear absent) LlamaForCausalLM with attention_bias and mlp_bias true
+                                                (q/k/v/o and gate/up/down biases)
+
+so a conversion only renames tensors and splits/concatenates the fused ones (biases likewise):
 
     linear_qkv = cat([q_proj, k_proj, v_proj])      linear_fc1 = cat([gate_proj, up_proj])
 
@@ -24,12 +31,35 @@ import torch
 from megatron_slung.model.gpt import GPTConfig
 
 
+def llama_model_type(config: GPTConfig) -> str:
+    """"llama" or "qwen2": the Hugging Face class that holds this model; ValueError naming what none holds."""
+    c = config
+    problems = []
+    if c.position_embedding_type != "rope":
+        problems.append(f"--position-embedding-type {c.position_embedding_type} (Llama/Qwen2 use RoPE)")
+    elif c.rotary_percent != 1.0:
+        problems.append(f"--rotary-percent {c.rotary_percent} (Llama/Qwen2 rotate the whole head)")
+    if c.normalization != "RMSNorm":
+        problems.append(f"--normalization {c.normalization} (Llama/Qwen2 use RMSNorm)")
+    if c.apply_layernorm_1p:
+        problems.append("--apply-layernorm-1p (zero-centred norm weights)")
+    if c.qk_layernorm:
+        problems.append("--qk-layernorm (Llama/Qwen2 have no query/key norms)")
+    if not c.swiglu:
+        problems.append("a GeLU MLP (Llama/Qwen2 use SwiGLU: --swiglu)")
+    if problems:
+        raise ValueError("no Hugging Face Llama-family class holds this model: " + "; ".join(problems))
+    return "qwen2" if c.add_qkv_bias and not c.add_bias_linear else "llama"
+
+
 def hf_config_dict(config: GPTConfig, **extra) -> dict:
-    """A ``config.json`` for ``LlamaForCausalLM`` (``extra`` adds e.g. bos/eos token ids)."""
+    """A ``config.json`` for ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` (``extra`` adds e.g. bos/eos token
+    ids); ValueError for a model neither holds."""
+    model_type = llama_model_type(config)
     rope_theta = float(config.rotary_base)
     out = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.ffn_hidden_size,
@@ -42,13 +72,15 @@ def hf_config_dict(config: GPTConfig, **extra) -> dict:
         "rope_theta": rope_theta,  # transformers < 5
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},  # transformers >= 5
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         "attention_dropout": config.attention_dropout,
         "tie_word_embeddings": not config.untie_embeddings_and_output_weights,
         "initializer_range": config.init_method_std,
         "torch_dtype": str(config.params_dtype).replace("torch.", ""),
     }
+    if model_type == "llama":  # q/k/v/o and gate/up/down biases, or none
+        out.update(attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear)
+    else:  # Qwen2: q/k/v biases always, no sliding window
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
     out.update(extra)
     return out
 
@@ -76,13 +108,11 @@ _METADATA_FIELDS = {
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
 }
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # What is known about the refused model types, so the message says why.
 _REFUSED_TYPES = {
-    "qwen2": "Qwen2 attention always has q/k/v biases, which this model (no biases) cannot hold",
-    "qwen3": "Qwen3 has q/k RMSNorm (qk-norm), which this model does not have",
+    "qwen3": "Qwen3 is not supported by this import (its q/k norms and head layout are not mapped)",
     "gemma": "Gemma scales the embeddings, uses (1 + weight) RMSNorm and GeGLU",
-    "gpt2": "GPT-2 has learned positions, LayerNorm with biases and GELU",
 }
 
 
@@ -130,9 +160,17 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
             _refuse("architectures", hf["architectures"], f"{arch} is not a Llama causal LM")
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         _refuse("hidden_act", hf["hidden_act"], "only silu (SwiGLU) is supported")
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):
-            _refuse(field, hf[field], "biases are not supported (the model has none)")
+    # Llama's attention_bias (q/k/v/o) and mlp_bias (gate/up/down) together are --add-bias-linear; one
+    # without the other is no model this one builds. Qwen2 always has q/k/v biases (--add-qkv-bias).
+    attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if model_type == "qwen2":
+        for field in ("attention_bias", "mlp_bias"):
+            if field in hf:
+                _refuse(field, hf[field], "not a Qwen2 field (Qwen2 has q/k/v biases only)")
+    elif attention_bias != mlp_bias:
+        _refuse("attention_bias" if attention_bias else "mlp_bias", True,
+                "biases on attention without the MLP's (or the reverse) are not supported: both or neither "
+                "(--disable-bias-linear)")
     max_positions = hf.get("max_position_embeddings", 2048)
     window = hf.get("sliding_window")
     if hf.get("use_sliding_window", True) and window is not None and window < max_positions:
@@ -172,6 +210,8 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
         init_method_std=hf.get("initializer_range", 0.02),
         attention_dropout=float(hf.get("attention_dropout") or 0.0),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+        add_bias_linear=attention_bias and mlp_bias, add_qkv_bias=model_type == "qwen2",
     )
     values.update(overrides)
     return GPTConfig(**values)
@@ -185,15 +225,21 @@ def to_hf_state_dict(sd: Dict[str, torch.Tensor], config: GPTConfig) -> Dict[str
     take = _taker(rest, "our state dict")
     out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight"),
            "model.norm.weight": take("decoder.final_layernorm.weight")}
+    llama_model_type(c)
     for i in range(c.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = take(src + "self_attention.linear_qkv.weight").split([q_rows, kv_rows, kv_rows], dim=0)
+        for kind in (["weight", "bias"] if c.qkv_bias else ["weight"]):
+            q, k, v = take(src + f"self_attention.linear_qkv.{kind}").split([q_rows, kv_rows, kv_rows], dim=0)
+            out.update({dst + f"self_attn.q_proj.{kind}": q, dst + f"self_attn.k_proj.{kind}": k,
+                        dst + f"self_attn.v_proj.{kind}": v})
+        if c.add_bias_linear:
+            gate_b, up_b = take(src + "mlp.linear_fc1.bias").split([c.ffn_hidden_size, c.ffn_hidden_size], dim=0)
+            out.update({dst + "self_attn.o_proj.bias": take(src + "self_attention.linear_proj.bias"),
+                        dst + "mlp.gate_proj.bias": gate_b, dst + "mlp.up_proj.bias": up_b,
+                        dst + "mlp.down_proj.bias": take(src + "mlp.linear_fc2.bias")})
         gate, up = take(src + "mlp.linear_fc1.weight").split([c.ffn_hidden_size, c.ffn_hidden_size], dim=0)
         out.update({
             dst + "input_layernorm.weight": take(src + "input_layernorm.weight"),
-            dst + "self_attn.q_proj.weight": q,
-            dst + "self_attn.k_proj.weight": k,
-            dst + "self_attn.v_proj.weight": v,
             dst + "self_attn.o_proj.weight": take(src + "self_attention.linear_proj.weight"),
             dst + "post_attention_layernorm.weight": take(src + "pre_mlp_layernorm.weight"),
             dst + "mlp.gate_proj.weight": gate,
@@ -203,14 +249,16 @@ def to_hf_state_dict(sd: Dict[str, torch.Tensor], config: GPTConfig) -> Dict[str
     if c.untie_embeddings_and_output_weights:
         out["lm_head.weight"] = take("output_layer.weight")
     if rest:
-        raise ValueError(f"{_names(rest)} have no place in a Hugging Face LlamaForCausalLM; refusing to export "
+        raise ValueError(f"{_names(rest)} have no place in a Hugging Face {_ARCHITECTURES[llama_model_type(c)]}; "
+                         "refusing to export "
                          "without them")
     _check_shapes(out, hf_shapes(config), "the exported state dict")
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def hf_shapes(config: GPTConfig) -> Dict[str, tuple]:
-    """The shape of every ``LlamaForCausalLM`` tensor for ``config`` (``lm_head.weight`` only when untied)."""
+    """The shape of every ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` tensor for ``config`` (``lm_head.weight``
+    only when untied; biases as the config has them)."""
     c, h, d, f = config, config.hidden_size, config.head_dim, config.ffn_hidden_size
     shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
     for i in range(c.num_layers):
@@ -222,6 +270,13 @@ def hf_shapes(config: GPTConfig) -> Dict[str, tuple]:
                        p + "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
                        p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
                        p + "mlp.down_proj.weight": (h, f)})
+        if c.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (c.num_attention_heads * d,),
+                           p + "self_attn.k_proj.bias": (c.num_query_groups * d,),
+                           p + "self_attn.v_proj.bias": (c.num_query_groups * d,)})
+        if c.add_bias_linear:
+            shapes.update({p + "self_attn.o_proj.bias": (h,), p + "mlp.gate_proj.bias": (f,),
+                           p + "mlp.up_proj.bias": (f,), p + "mlp.down_proj.bias": (h,)})
     if c.untie_embeddings_and_output_weights:
         shapes["lm_head.weight"] = (c.vocab_size, h)
     return shapes
@@ -262,6 +317,7 @@ def from_hf_state_dict(hf: Dict[str, torch.Tensor], config: GPTConfig) -> Dict[s
     ``inv_freq`` buffers, which some exports store, are skipped: they are derived from rope_theta, and
     they are checked to equal what this model computes."""
     c = config
+    llama_model_type(c)
     _check_shapes(hf, {k: v for k, v in hf_shapes(c).items() if k in hf}, "Hugging Face state dict")
     rest = dict(hf)
     take = _taker(rest, "Hugging Face state dict")
@@ -288,6 +344,17 @@ def from_hf_state_dict(hf: Dict[str, torch.Tensor], config: GPTConfig) -> Dict[s
                     [take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")], dim=0),
                 dst + "mlp.linear_fc2.weight": take(src + "mlp.down_proj.weight"),
             })
+            if c.qkv_bias:
+                out[dst + "self_attention.linear_qkv.bias"] = torch.cat(
+                    [take(src + "self_attn.q_proj.bias"), take(src + "self_attn.k_proj.bias"),
+                     take(src + "self_attn.v_proj.bias")], dim=0)
+            if c.add_bias_linear:
+                out.update({
+                    dst + "self_attention.linear_proj.bias": take(src + "self_attn.o_proj.bias"),
+                    dst + "mlp.linear_fc1.bias": torch.cat([take(src + "mlp.gate_proj.bias"),
+                                                            take(src + "mlp.up_proj.bias")], dim=0),
+                    dst + "mlp.linear_fc2.bias": take(src + "mlp.down_proj.bias"),
+                })
         except ValueError as e:
             raise ValueError(f"{e} (layer {i})") from None
     if c.untie_embeddings_and_output_weights:
@@ -302,7 +369,8 @@ def from_hf_state_dict(hf: Dict[str, torch.Tensor], config: GPTConfig) -> Dict[s
                              "model.embed_tokens.weight: the tied model cannot hold both")
         rest.pop("lm_head.weight")
     if rest:
-        biases = " (biases: this model has none; Qwen2 weights?)" if any(k.endswith(".bias") for k in rest) else ""
+        biases = (" (biases the config does not declare: attention_bias/mlp_bias, or model_type qwen2?)"
+                  if any(k.endswith(".bias") for k in rest) else "")
         raise ValueError(f"tensors the Llama import does not use: {_names(rest)}{biases}; converting without "
                          "them would change the model")
     return out

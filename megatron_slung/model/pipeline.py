@@ -12,7 +12,7 @@ indices), for L transformer layers:
              the loss runs the fused linear + masked CE
 
 Between stages travels one tensor, hidden [S, B, H] ([S/tp, B, H] with sequence parallelism).
-Positions are always 0..S-1 in the pipeline. The weights equal ``GPTModel``'s for the same config
+Positions are always 0..S-1 in the pipeline (RoPE or the learned table). The weights equal ``GPTModel``'s for the same config
 (per-parameter seeded initialisation), at any PP/TP layout.
 
 The batch DeepSpeed reads from the data iterator is ``(tokens, (labels, risk))`` or
@@ -51,7 +51,7 @@ from megatron_slung.loss.policy import LossPolicy
 from megatron_slung.model.gpt import (
     Embedding,
     GPTConfig,
-    RMSNorm,
+    Norm,
     TransformerLayer,
     fused_head_input,
     normal_init,
@@ -73,9 +73,10 @@ class EmbeddingPipe(Embedding):
         return super().forward(tokens)
 
 
-class FinalNormPipe(RMSNorm):
+class FinalNormPipe(Norm):
     def __init__(self, config: GPTConfig):
-        super().__init__(config.hidden_size, config.norm_epsilon, sequence_parallel=config.sequence_parallel,
+        super().__init__(config.hidden_size, config.norm_epsilon, normalization=config.normalization,
+                         zero_centered_gamma=config.apply_layernorm_1p, sequence_parallel=config.sequence_parallel,
                          params_dtype=config.params_dtype)
 
 
@@ -120,7 +121,9 @@ def gpt_layer_specs(config: GPTConfig, fused_head: bool = False) -> list:
     specs += [LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)]
     specs.append(LayerSpec(FinalNormPipe, config))
     if tied:
-        specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, config,
+        # On a last stage of its own this builds the word embeddings only: a position table there would be
+        # a parameter without a gradient (with PP = 1 the head reuses layer 0's module).
+        specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, config, with_positions=False,
                                    forward_fn=_tied_fused_head if fused_head else _tied_head,
                                    tied_weight_attr=["word_embeddings.weight"]))
     else:
@@ -132,10 +135,9 @@ def pipeline_layer_parameter_counts(config: GPTConfig) -> List[int]:
     """Parameters of each pipeline layer (full size; the tied head counts its embedding again),
     for ``partition_method="parameters"``."""
     c = config
-    h, d = c.hidden_size, c.head_dim
-    layer = (h * (c.num_attention_heads + 2 * c.num_query_groups) * d + c.num_attention_heads * d * h
-             + 3 * h * c.ffn_hidden_size + 2 * h)
-    return [c.vocab_size * h] + [layer] * c.num_layers + [h, c.vocab_size * h]
+    final_norm = c.hidden_size * (2 if c.normalization == "LayerNorm" else 1)
+    return ([c.embedding_parameters()] + [c.layer_parameters()] * c.num_layers
+            + [final_norm, c.vocab_size * c.hidden_size])
 
 
 # --------------------------------------------------------------------------- the loss

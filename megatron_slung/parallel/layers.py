@@ -19,7 +19,11 @@ A fused weight (QKV, gate+up) is several logical matrices stacked along the outp
 ``[part0_shard; part1_shard; ...]``. ``split_for_tensor_parallel`` / ``merge_tensor_parallel_shards``
 convert between a full weight and the shards (for checkpoint converters).
 
-These layers have no bias (the GPT model, like Llama, uses none).
+Biases (``bias=True``, zero-initialised as Megatron does): a column-parallel bias is split like the
+output features (each rank adds its own slice, parts split separately like the weight); a row-parallel
+bias is replicated and added once, after the all-reduce (or reduce-scatter) of the partial sums. With
+sequence parallelism each rank adds it to its own tokens only, so its gradient is partial and summed
+over the TP group (``copy_to`` on the bias, as for the norms).
 """
 
 from __future__ import annotations
@@ -100,6 +104,16 @@ def _mark_tensor_parallel(weight: nn.Parameter, partition_dim: int, parts: Optio
     weight.partition_parts = tuple(parts) if parts is not None else None
 
 
+def mark_replicated(param: nn.Parameter, sequence_parallel: bool) -> None:
+    """Attributes of a parameter replicated over the TP group (norm weights, row-parallel biases, learned
+    positions). DeepSpeed counts a parameter in the gradient norm where ``model_parallel`` (or
+    ``tensor_model_parallel``) is set, or on model-parallel rank 0: a replicated one must count once per
+    pipeline stage, so on TP rank 0 only (DeepSpeed's fp32 clipping would otherwise drop it on every stage
+    but the first). ``sequence_parallel`` is Megatron's mark of a gradient summed over the TP group."""
+    param.sequence_parallel = sequence_parallel
+    param.model_parallel = state.get_tensor_model_parallel_rank() == 0
+
+
 def _divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator != 0:
         raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-model-parallel size ({denominator})")
@@ -131,6 +145,7 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         sequence_parallel: bool = False,
         output_parts: Optional[Sequence[int]] = None,
+        bias: bool = False,
         params_dtype: torch.dtype = torch.float32,
         device=None,
     ):
@@ -147,9 +162,13 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size, dtype=params_dtype, device=device))
         _init_from_master(self.weight, (output_size, input_size), 0, init_method, output_parts)
         _mark_tensor_parallel(self.weight, 0, output_parts)
+        self.bias = None
+        if bias:  # this rank's slice of each part, like the weight's rows
+            self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition, dtype=params_dtype, device=device))
+            _mark_tensor_parallel(self.bias, 0, output_parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(tensor_parallel_input(x, self.sequence_parallel), self.weight)
+        y = F.linear(tensor_parallel_input(x, self.sequence_parallel), self.weight, self.bias)
         if not self.gather_output:
             return y
         y = gather_from_tensor_model_parallel_region(y)  # [rank0 shard, rank1 shard, ...]
@@ -159,7 +178,8 @@ class ColumnParallelLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"in={self.input_size}, out={self.output_size} (per rank {self.output_size_per_partition}), sp={self.sequence_parallel}"
+        return (f"in={self.input_size}, out={self.output_size} (per rank {self.output_size_per_partition}), "
+                f"bias={self.bias is not None}, sp={self.sequence_parallel}")
 
 
 class RowParallelLinear(nn.Module):
@@ -178,6 +198,7 @@ class RowParallelLinear(nn.Module):
         init_method: InitMethod,
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
+        bias: bool = False,
         params_dtype: torch.dtype = torch.float32,
         device=None,
     ):
@@ -192,17 +213,28 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition, dtype=params_dtype, device=device))
         _init_from_master(self.weight, (output_size, input_size), 1, init_method, None)
         _mark_tensor_parallel(self.weight, 1, None)
+        self.bias = None
+        if bias:  # replicated, added once after the reduction
+            self.bias = nn.Parameter(torch.zeros(output_size, dtype=params_dtype, device=device))
+            mark_replicated(self.bias, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
         partial = F.linear(x, self.weight)
         if self.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel_region(partial)
-        return reduce_from_tensor_model_parallel_region(partial)
+            y = reduce_scatter_to_sequence_parallel_region(partial)
+        else:
+            y = reduce_from_tensor_model_parallel_region(partial)
+        if self.bias is None:
+            return y
+        # With sequence parallelism each rank adds the bias to its own tokens: sum its gradient over TP.
+        bias = copy_to_tensor_model_parallel_region(self.bias) if self.sequence_parallel else self.bias
+        return y + bias
 
     def extra_repr(self) -> str:
-        return f"in={self.input_size} (per rank {self.input_size_per_partition}), out={self.output_size}, sp={self.sequence_parallel}"
+        return (f"in={self.input_size} (per rank {self.input_size_per_partition}), out={self.output_size}, "
+                f"bias={self.bias is not None}, sp={self.sequence_parallel}")
 
 
 class VocabParallelEmbedding(nn.Module):

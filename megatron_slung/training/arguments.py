@@ -12,7 +12,9 @@ depend on other flags) and rejects impossible combinations with a message that s
 All derived values are set as attributes of the namespace:
 
     data_parallel_size, gradient_accumulation_steps, world_size,
-    ffn_hidden_size, num_query_groups, kv_channels, max_position_embeddings, lr_decay_iters,
+    ffn_hidden_size, num_query_groups, kv_channels, max_position_embeddings, position_embedding_type
+    (rope with --use-rotary-position-embeddings), group_query_attention (on for a GQA checkpoint adopted
+    by --load), lr_decay_iters,
     lr_warmup_iters, zero_stage, params_dtype ("float32" | "bfloat16" | "float16").
 """
 
@@ -43,34 +45,60 @@ class _RaisingParser(argparse.ArgumentParser):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
+    # Megatron-LM's flags with Megatron-LM's defaults: without flags the model is GPT-3 style (learned
+    # absolute positions, LayerNorm, GeLU MLP of 4h, linear biases, dropout 0.1, tied embeddings). A Llama
+    # model says so: --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear
+    # --hidden-dropout 0 --attention-dropout 0 (and --group-query-attention --num-query-groups N).
+    g = p.add_argument_group("model (Megatron-LM's flags and defaults)")
     g.add_argument("--num-layers", type=int, default=None, help="transformer layers")
     g.add_argument("--hidden-size", type=int, default=None)
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="SwiGLU inner size (default 4 x hidden)")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="MLP inner size (default 4 x hidden; with --swiglu int(4 x hidden x 2/3 / 64) x 64)")
     g.add_argument("--num-attention-heads", type=int, default=None)
-    g.add_argument("--num-query-groups", type=int, default=None, help="key/value heads (GQA); default = heads")
     g.add_argument("--group-query-attention", action="store_true",
-                   help="accepted for Megatron compatibility; GQA is on whenever --num-query-groups < heads")
+                   help="grouped-query attention with --num-query-groups key/value heads (default 1)")
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="key/value heads with --group-query-attention (default 1); refused without it, which "
+                        "Megatron would ignore")
     g.add_argument("--kv-channels", type=int, default=None, help="head dimension (default hidden / heads)")
     g.add_argument("--seq-length", type=int, default=None)
-    g.add_argument("--max-position-embeddings", type=int, default=None, help="default = --seq-length")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--hidden-dropout", type=float, default=0.0, help="(Megatron's default is 0.1; Llama uses 0)")
-    g.add_argument("--attention-dropout", type=float, default=0.0)
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="default = --seq-length (the size of the learned position table)")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"],
+                   default="learned_absolute", help="default learned_absolute (a table added to the embeddings)")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="Megatron's older spelling of --position-embedding-type rope")
     g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="RoPE on the first int(head dim x this) channels of each head (default 1.0)")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="zero-centred gamma: the norms compute (1 + weight) x normed, the weight starting at 0")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="normalise each query and key head (with --normalization's kind) before RoPE")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (silu(gate) x up) instead of GeLU")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="GeLU's tanh approximation (Hugging Face's gelu_new) instead of the exact erf GeLU. "
+                        "Megatron-core's models accept this flag and ignore it; its legacy models use it")
+    g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear",
+                   help="no biases in the linear layers (default: biases in QKV, attention output and both MLP "
+                        "matrices)")
+    g.add_argument("--add-qkv-bias", action="store_true", help="a bias on the QKV projection only (Qwen2)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--hidden-dropout", type=float, default=0.1,
+                   help="dropout on the embeddings and on each residual branch (Megatron's default 0.1)")
+    g.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on the attention probabilities")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="weights ~ N(0, std); the attention and MLP output projections std / sqrt(2 x layers)")
     g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in the backward")
     g.add_argument("--torch-compile", action="store_true",
-                   help="torch.compile each transformer layer's body (fuses RoPE, RMSNorm, SwiGLU and residuals; "
-                        "the first iterations compile, numerics change at rounding level)")
-    # Megatron spellings of what this model always is; accepted so Megatron scripts run unchanged.
-    g.add_argument("--position-embedding-type", choices=["rope"], default="rope")
-    g.add_argument("--normalization", choices=["RMSNorm"], default="RMSNorm")
-    g.add_argument("--swiglu", action="store_true", help="accepted for compatibility (always SwiGLU)")
-    g.add_argument("--disable-bias-linear", action="store_true", help="accepted for compatibility (never biases)")
+                   help="torch.compile each transformer layer's body (fuses the elementwise work around the "
+                        "matmuls; the first iterations compile, numerics change at rounding level)")
     g.add_argument("--use-flash-attn", action="store_true",
-                   help="accepted for compatibility (scaled_dot_product_attention picks flash when it can)")
+                   help="what it means here: attention is torch's scaled_dot_product_attention, which on a GPU "
+                        "already runs the flash kernel where it can (with or without this flag); on a CPU it "
+                        "changes nothing")
 
 
 def _signal_name(text: str) -> str:
@@ -137,7 +165,9 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="DeepSpeed ZeRO stage (default 0, or the --deepspeed-config's)")
     g.add_argument("--deepspeed-config", default=None,
                    help="DeepSpeed JSON; generated from the flags when absent, checked against them when given")
-    g.add_argument("--deepspeed", action="store_true", help="accepted for compatibility (always DeepSpeed)")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="Megatron-DeepSpeed's switch to train with DeepSpeed, which this trainer always does: the "
+                        "flag states what happens anyway")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default nccl with GPUs, gloo without")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
@@ -376,39 +406,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.sequence_parallel = False
 
     # ---- model shape
-    heads = args.num_attention_heads
-    if args.num_query_groups is None:
-        args.num_query_groups = heads
-    groups = args.num_query_groups
-    if groups < 1 or heads % groups != 0:
-        _fail(f"--num-attention-heads ({heads}) must be a multiple of --num-query-groups ({groups})")
-    if heads % tp != 0:
-        _fail(f"--num-attention-heads ({heads}) is not divisible by --tensor-model-parallel-size ({tp})")
-    if groups % tp != 0:
-        _fail(f"--num-query-groups ({groups}) is not divisible by --tensor-model-parallel-size ({tp})")
-    if args.kv_channels is None:
-        if args.hidden_size % heads != 0:
-            _fail(f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads ({heads}); "
-                  "give --kv-channels to set the head dimension")
-        args.kv_channels = args.hidden_size // heads
-    if args.kv_channels % 2 != 0:
-        _fail(f"the head dimension ({args.kv_channels}) must be even for rotary embeddings")
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = 4 * args.hidden_size
-    if args.ffn_hidden_size % tp != 0:
-        _fail(f"--ffn-hidden-size ({args.ffn_hidden_size}) is not divisible by --tensor-model-parallel-size ({tp})")
-    if args.num_layers % pp != 0:
-        _fail(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
-    if args.seq_length > args.max_position_embeddings:
-        _fail(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings ({args.max_position_embeddings})")
-    if args.sequence_parallel and args.seq_length % tp != 0:
-        _fail(f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by "
-              f"--tensor-model-parallel-size ({tp})")
-    for name in ("hidden_dropout", "attention_dropout"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            _fail(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    _validate_model_shape(args, tp, pp)
 
     # ---- batch
     mbs = args.micro_batch_size
@@ -533,6 +531,80 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     args.deepspeed_config_dict = resolve_deepspeed_config(args)
     return args
+
+
+def _validate_model_shape(args: argparse.Namespace, tp: int, pp: int) -> None:
+    """Megatron's derived model values (query groups, head dimension, MLP size) and the shape checks."""
+    heads = args.num_attention_heads
+    explicit = getattr(args, "explicit_flags", None)
+    if args.use_rotary_position_embeddings:
+        if explicit is not None and "position_embedding_type" in explicit and args.position_embedding_type != "rope":
+            _fail(f"--use-rotary-position-embeddings contradicts --position-embedding-type {args.position_embedding_type}")
+        args.position_embedding_type = "rope"
+    # Grouped-query attention only with --group-query-attention, as in Megatron; there --num-query-groups
+    # without it is read by nothing, which here is refused rather than ignored.
+    groups = args.num_query_groups
+    given = groups is not None and (explicit is None or "num_query_groups" in explicit)
+    if args.group_query_attention:
+        groups = 1 if groups is None else groups
+    elif given:
+        if groups != heads:
+            _fail(f"--num-query-groups {groups} needs --group-query-attention (without it Megatron ignores "
+                  f"--num-query-groups and builds {heads} key/value heads); add --group-query-attention")
+    elif groups is not None:  # adopted from the checkpoint of --load: its model has grouped-query attention
+        args.group_query_attention = groups != heads
+    else:
+        groups = heads
+    args.num_query_groups = groups
+    if groups < 1 or heads % groups != 0:
+        _fail(f"--num-attention-heads ({heads}) must be a multiple of --num-query-groups ({groups})")
+    if heads % tp != 0:
+        _fail(f"--num-attention-heads ({heads}) is not divisible by --tensor-model-parallel-size ({tp})")
+    if groups % tp != 0:
+        _fail(f"--num-query-groups ({groups}) is not divisible by --tensor-model-parallel-size ({tp})")
+    if args.kv_channels is None:
+        if args.hidden_size % heads != 0:
+            _fail(f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads ({heads}); "
+                  "give --kv-channels to set the head dimension")
+        args.kv_channels = args.hidden_size // heads
+    if args.kv_channels < 1:
+        _fail(f"--kv-channels must be >= 1, got {args.kv_channels}")
+    if args.position_embedding_type == "rope":
+        if not 0.0 < args.rotary_percent <= 1.0:
+            _fail(f"--rotary-percent must be in (0, 1], got {args.rotary_percent}")
+        rotary_dim = int(args.kv_channels * args.rotary_percent)
+        if rotary_dim < 2 or rotary_dim % 2 != 0:
+            _fail(f"the rotary dimension int(head dimension {args.kv_channels} x --rotary-percent "
+                  f"{args.rotary_percent}) = {rotary_dim} must be even and >= 2")
+    elif args.rotary_percent != 1.0:
+        _fail(f"--rotary-percent {args.rotary_percent} has no effect with --position-embedding-type "
+              f"{args.position_embedding_type}; add --position-embedding-type rope")
+    if args.swiglu and args.openai_gelu:
+        _fail("--openai-gelu (a GeLU MLP) and --swiglu (a SiLU-gated MLP) exclude each other")
+    if args.ffn_hidden_size is None:
+        if args.swiglu:  # Megatron: 2/3 of 4h (two input matrices), rounded down to a multiple of 64
+            args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64
+            if args.ffn_hidden_size < 1:
+                _fail(f"--swiglu at --hidden-size {args.hidden_size}: Megatron's default MLP size int(4 x hidden "
+                      "x 2/3 / 64) x 64 is 0; give --ffn-hidden-size")
+        else:
+            args.ffn_hidden_size = 4 * args.hidden_size
+    if args.ffn_hidden_size < 1:
+        _fail(f"--ffn-hidden-size must be >= 1, got {args.ffn_hidden_size}")
+    if args.ffn_hidden_size % tp != 0:
+        _fail(f"--ffn-hidden-size ({args.ffn_hidden_size}) is not divisible by --tensor-model-parallel-size ({tp})")
+    if args.num_layers % pp != 0:
+        _fail(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        _fail(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings ({args.max_position_embeddings})")
+    if args.sequence_parallel and args.seq_length % tp != 0:
+        _fail(f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by "
+              f"--tensor-model-parallel-size ({tp})")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            _fail(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
 
 
 def _check_data_path(paths: List[str]) -> None:

@@ -395,9 +395,14 @@ USE_CHECKPOINT_ARGS_FORCED = frozenset({"num_query_groups", "rotary_base", "unti
 USE_CHECKPOINT_ARGS_EXTRA = ("seq_length", "hidden_dropout", "attention_dropout", "tokenizer_type",
                              "tokenizer_model")
 
-# Architecture fields an explicit flag may change on load: with RoPE no weight depends on the longest position,
-# so a longer context is a fine-tuning choice (only the model's recorded limit changes).
+# Architecture fields an explicit flag may change on load: with RoPE (or no positions) no weight depends on the
+# longest position, so a longer context is a fine-tuning choice (only the model's recorded limit changes). With
+# learned absolute positions it is the size of the position table, fixed like any other shape.
 CHANGEABLE_ON_LOAD = frozenset({"max_position_embeddings"})
+
+
+def _changeable_on_load(name: str, model: dict) -> bool:
+    return name in CHANGEABLE_ON_LOAD and model.get("position_embedding_type") != "learned_absolute"
 
 
 def model_architecture(config, tokenizer_vocab_size: Optional[int],
@@ -458,13 +463,20 @@ class CheckpointMetadata:
         return out
 
 
+# The architecture fields of the first record format. A checkpoint written before a later field existed was
+# that field's GPTConfig default (RoPE, RMSNorm, SwiGLU, no biases): its record, or its saved arguments, say
+# nothing of it. Its arguments may name a later field's flag, accepted then and ignored (--swiglu absent:
+# swiglu false, yet the model was SwiGLU), so an older checkpoint's arguments are read for these fields only.
+ARCHITECTURE_V1_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
+                          "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon",
+                          "untie_embeddings_and_output_weights")
+
+
 def _architecture_from_args(args: dict) -> dict:
     """An older checkpoint's architecture, from the arguments it saved (Megatron names = GPTConfig fields)."""
-    from megatron_slung.model.gpt import architecture_fields
-
     tokenizer_vocab = args.get("vocab_size") if args.get("tokenizer_type") == "NullTokenizer" else None
     return {"version": ARCHITECTURE_VERSION,
-            "model": {k: args[k] for k in architecture_fields() if k != "vocab_size" and args.get(k) is not None},
+            "model": {k: args[k] for k in ARCHITECTURE_V1_FIELDS if args.get(k) is not None},
             "padded_vocab_size": args.get("padded_vocab_size"), "tokenizer_vocab_size": tokenizer_vocab,
             "make_vocab_size_divisible_by": args.get("make_vocab_size_divisible_by")}
 
@@ -500,7 +512,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Switches whose flag turns the field off (Megatron's --disable-bias-linear sets add_bias_linear false).
+_NEGATED_SWITCHES = {"add_bias_linear": "disable_bias_linear"}
+
+
 def _flag_text(name: str, value) -> str:
+    if name in _NEGATED_SWITCHES:
+        return _flag_text(_NEGATED_SWITCHES[name], not value)
     if isinstance(value, bool):
         return _flag(name) if value else f"no {_flag(name)}"
     return f"{_flag(name)} {value}"
@@ -580,7 +598,8 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
         raise ArgumentError(f"{where}: the checkpoint's model has settings this version does not know: {unknown}")
     adopted, refused, overridden = [], [], []
     use_ckpt_args = getattr(args, "use_checkpoint_args", False)
-    settings = dict(meta.model())
+    saved_model = meta.model()
+    settings = dict(saved_model)
     if use_ckpt_args:  # Megatron's load_args_from_checkpoint: also these saved arguments
         settings.update({k: meta.args[k] for k in USE_CHECKPOINT_ARGS_EXTRA if meta.args.get(k) is not None})
         tok = settings.get("tokenizer_model")
@@ -599,7 +618,9 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
         elif use_ckpt_args and name in USE_CHECKPOINT_ARGS_FORCED:
             setattr(args, name, saved)
             overridden.append(f"{_flag_text(name, ours)} -> {_flag_text(name, saved)}")
-        elif name in CHANGEABLE_ON_LOAD:
+        elif name not in saved_model:  # a run setting --use-checkpoint-args takes only when absent (seq_length)
+            continue
+        elif _changeable_on_load(name, saved_model):
             notes.append(f"note: {_flag_text(name, ours)} (the checkpoint's model has {saved})")
         else:
             refused.append(f"{_flag_text(name, ours)} contradicts the checkpoint, whose model has {name} = {saved!r}")
@@ -609,6 +630,13 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
         notes.append(f"model settings from the checkpoint {meta.path} (flags not given): " + ", ".join(adopted))
     for line in overridden:
         notes.append(f"--use-checkpoint-args: {line} (the checkpoint's value replaces the flag given)")
+    # Dropout is a setting of the run, not adopted; but its default is now Megatron's 0.1 where it was 0, so
+    # a run that continues a checkpoint without saying so is told what changed.
+    for name in ("hidden_dropout", "attention_dropout"):
+        saved = meta.args.get(name)
+        if name not in explicit and saved is not None and hasattr(args, name) and float(saved) != getattr(args, name):
+            notes.append(f"note: {_flag_text(name, getattr(args, name))} (the default), the checkpoint's run had "
+                         f"{saved}; give {_flag_text(name, saved)} to continue with it")
     if not meta.recorded:
         notes.append(f"note: {meta.path} is an older checkpoint without a model-architecture record; "
                      "its saved arguments were compared instead")
@@ -663,9 +691,9 @@ def check_model_config(meta: Optional[CheckpointMetadata], config) -> None:
         return
     from megatron_slung.training.arguments import ArgumentError
 
-    built = config.to_dict()
-    diffs = [f"{name}: the checkpoint's {saved!r}, this run's {built[name]!r}" for name, saved in meta.model().items()
-             if name not in CHANGEABLE_ON_LOAD and not _same(built[name], saved)]
+    built, saved_model = config.to_dict(), meta.model()
+    diffs = [f"{name}: the checkpoint's {saved!r}, this run's {built[name]!r}" for name, saved in saved_model.items()
+             if not _changeable_on_load(name, saved_model) and not _same(built[name], saved)]
     rows = meta.architecture.get("padded_vocab_size")
     if rows is not None and built["vocab_size"] != rows:
         diffs.append(f"padded vocabulary: the checkpoint's {rows}, this run's {built['vocab_size']}")

@@ -73,6 +73,10 @@ def gpt_config_from_args(args, padded_vocab_size: int):
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         sequence_parallel=args.sequence_parallel, recompute_activations=args.recompute_activations,
+        position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
+        normalization=args.normalization, apply_layernorm_1p=args.apply_layernorm_1p,
+        qk_layernorm=args.qk_layernorm, swiglu=args.swiglu, openai_gelu=args.openai_gelu,
+        add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
     )
 
 
