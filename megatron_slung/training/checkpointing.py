@@ -617,6 +617,8 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
             adopted.append(_flag_text(name, saved))
         elif use_ckpt_args and name in USE_CHECKPOINT_ARGS_FORCED:
             setattr(args, name, saved)
+            if name == "num_query_groups":  # the checkpoint's grouped-query attention, as when adopted
+                args.group_query_attention = saved != saved_model.get("num_attention_heads", saved)
             overridden.append(f"{_flag_text(name, ours)} -> {_flag_text(name, saved)}")
         elif name not in saved_model:  # a run setting --use-checkpoint-args takes only when absent (seq_length)
             continue
