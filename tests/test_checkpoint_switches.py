@@ -2,6 +2,7 @@
 (deletion after the new checkpoint is complete, atomic against a crash), checkpoints saved without optimizer
 or RNG state, --exit-on-missing-checkpoint, --use-checkpoint-args, and the flags' start-up checks."""
 
+import json
 import os
 import subprocess
 import sys
@@ -188,14 +189,19 @@ def test_exit_on_missing_checkpoint_also_refuses_a_job_that_resumes_itself(tmp_p
 
 
 # --------------------------------------------------------------------------- --use-checkpoint-args
+def _replace_saved_args(save_dir, saved_args: dict) -> None:
+    """Make the checkpoint's slung_state.pt say these were the arguments of the run that saved it."""
+    path = ckpt.find_checkpoint(str(save_dir))
+    state = ckpt.load_train_state(os.path.join(*path))
+    state["args_json"] = json.dumps(saved_args)
+    del state["args"]
+    torch.save(state, os.path.join(*path, ckpt.STATE_FILE))
+
+
 def test_use_checkpoint_args_overrides_megatrons_forced_settings_one_line_each(tmp_path):
     _checkpoint_with(tmp_path)
     # the checkpoint's arguments (as a trainer run saves them) give the sequence length and dropout too
-    path = ckpt.find_checkpoint(str(tmp_path / "ckpt"))
-    state = ckpt.load_train_state(os.path.join(*path))
-    state["args_json"] = __import__("json").dumps({"seq_length": 48, "hidden_dropout": 0.1})
-    del state["args"]
-    torch.save(state, os.path.join(*path, ckpt.STATE_FILE))
+    _replace_saved_args(tmp_path / "ckpt", {"seq_length": 48, "hidden_dropout": 0.1})
     run = [a for a in RUN if a not in ("--seq-length", "32")]
     given = ["--rotary-base", "10000", "--num-query-groups", "2", "--hidden-dropout", "0.2"]
     with pytest.raises(ArgumentError, match="contradicts the checkpoint"):  # without the switch: refused
@@ -221,11 +227,7 @@ def test_use_checkpoint_args_overrides_megatrons_forced_settings_one_line_each(t
 def test_use_checkpoint_args_finds_an_imports_tokenizer_beside_the_checkpoint(tmp_path):
     """tools/convert_from_hf.py saves --tokenizer-model as "tokenizer", a directory beside the checkpoint."""
     _checkpoint_with(tmp_path)
-    path = ckpt.find_checkpoint(str(tmp_path / "ckpt"))
-    state = ckpt.load_train_state(os.path.join(*path))
-    state["args_json"] = __import__("json").dumps({"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "tokenizer"})
-    del state["args"]
-    torch.save(state, os.path.join(*path, ckpt.STATE_FILE))
+    _replace_saved_args(tmp_path / "ckpt", {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "tokenizer"})
     (tmp_path / "ckpt" / "tokenizer").mkdir()
     args = parse_args([a for a in RUN if a not in ("--vocab-size", "256")] + ["--load", str(tmp_path / "ckpt"),
                                                                              "--use-checkpoint-args"], world_size=1)
