@@ -150,7 +150,8 @@ def test_a_combination_no_hugging_face_class_holds_is_refused(tmp_path, capsys, 
     (dict(activation_function="relu"), "activation_function = 'relu'"),
     (dict(add_cross_attention=True), "add_cross_attention = True"),
     (dict(rope_theta=10000.0), "rope_theta = 10000.0: not understood by the GPT-2 import"),
-], ids=["layer_idx_scaling", "relu", "cross_attention", "foreign_field"])
+    (dict(embd_pdrop=0.2, resid_pdrop=0.1), "embd_pdrop = 0.2: differs from resid_pdrop = 0.1"),
+], ids=["layer_idx_scaling", "relu", "cross_attention", "foreign_field", "embedding_dropout"])
 def test_gpt2_config_fields_the_import_cannot_honour_are_refused(tmp_path, capsys, changes, message):
     hf = dict(_hf_models())["gpt2"]
     src = str(tmp_path / "src")
@@ -163,3 +164,13 @@ def test_gpt2_config_fields_the_import_cannot_honour_are_refused(tmp_path, capsy
     assert convert_from_hf.main(["--load", src, "--save", str(tmp_path / "c")]) == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "c")
+
+
+def test_gpt2_dropout_settings_are_imported():
+    """resid_pdrop and attn_pdrop become --hidden-dropout and --attention-dropout (attn_pdrop was dropped)."""
+    from megatron_slung.model import hf_gpt2
+
+    base = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)
+    config = hf_gpt2.config_from_hf({**base, "resid_pdrop": 0.2, "embd_pdrop": 0.2, "attn_pdrop": 0.3})
+    assert (config.hidden_dropout, config.attention_dropout) == (0.2, 0.3)
+    assert hf_gpt2.hf_config_dict(config)["attn_pdrop"] == 0.3

@@ -119,6 +119,9 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
         _refuse("add_cross_attention", True, "cross-attention is not supported")
     if hf.get("n_ctx") is not None and hf.get("n_positions") is not None and hf["n_ctx"] != hf["n_positions"]:
         _refuse("n_ctx", hf["n_ctx"], f"differs from n_positions = {hf['n_positions']}")
+    if float(hf.get("embd_pdrop", 0.1)) != float(hf.get("resid_pdrop", 0.1)):  # one --hidden-dropout holds both
+        _refuse("embd_pdrop", hf["embd_pdrop"] if "embd_pdrop" in hf else 0.1,
+                f"differs from resid_pdrop = {hf.get('resid_pdrop', 0.1)} (one --hidden-dropout covers both)")
     # reorder_and_upcast_attn computes the same attention (in float32): numerics only.
     checked = {"scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention", "reorder_and_upcast_attn"}
     try:
@@ -136,7 +139,8 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
         ffn_hidden_size=hf.get("n_inner") or 4 * hidden, vocab_size=hf.get("vocab_size", 50257),
         max_position_embeddings=hf.get("n_positions") or hf.get("n_ctx") or 1024,
         norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), init_method_std=hf.get("initializer_range", 0.02),
-        hidden_dropout=float(hf.get("resid_pdrop", 0.1)),  # training settings; embd_pdrop is not separate here attention_dropout=float(hf.get("attn_pdrop", 0.1)),
+        hidden_dropout=float(hf.get("resid_pdrop", 0.1)),  # training settings (embd_pdrop checked equal above)
+        attention_dropout=float(hf.get("attn_pdrop", 0.1)),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", True),
         position_embedding_type="learned_absolute", normalization="LayerNorm", swiglu=False,
         openai_gelu=_ACTIVATIONS[act], add_bias_linear=True, add_qkv_bias=False,
