@@ -304,7 +304,8 @@ def atomic_output(path: str):
 
 
 # Names that say "compressed" in a way we do not write: refused rather than written as plain text.
-_UNSUPPORTED_COMPRESSION = (".bz2", ".xz", ".lzma", ".lz4", ".zip", ".br", ".7z")
+_UNSUPPORTED_COMPRESSION = (".bz2", ".xz", ".lzma", ".lz4", ".zip", ".br", ".7z", ".zstd", ".gzip", ".tgz", ".lz",
+                            ".zz", ".Z")
 
 
 def check_output_name(path: str) -> None:

@@ -175,10 +175,11 @@ def token_id_range(indexed, cache_dir: Optional[str] = None):
     """(min, max) token id of a dataset: one scan of its ``.bin`` (about 1-2 GB/s), then cached as a small
     JSON in the index cache directory, keyed by the files' sizes and modification times (a rewritten dataset
     is scanned again). None for an empty dataset."""
+    from megatron_slung.data.corpus import atomic_output
     from megatron_slung.data.indexed_dataset import bin_path, idx_path
 
     prefix = indexed.prefix
-    stamp = [[os.path.getsize(f), os.stat(f).st_mtime_ns] for f in (bin_path(prefix), idx_path(prefix))]
+    stamp = [[st.st_size, st.st_mtime_ns] for st in map(os.stat, (bin_path(prefix), idx_path(prefix)))]
     path = _token_range_cache_path(prefix, cache_dir)
     try:
         with open(path, encoding="utf-8") as f:
@@ -190,11 +191,9 @@ def token_id_range(indexed, cache_dir: Optional[str] = None):
     found = indexed.token_id_range()
     try:  # a cache is a convenience: a read-only data directory just means scanning again next time
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = f"{path}.partial-{os.getpid()}"
-        with open(temp, "w", encoding="utf-8") as f:
+        with atomic_output(path) as temp, open(temp, "w", encoding="utf-8") as f:
             json.dump({"prefix": os.path.abspath(prefix), "files": stamp,
                        "range": None if found is None else list(found)}, f)
-        os.replace(temp, path)
     except OSError:
         pass
     return found
