@@ -146,7 +146,7 @@ class TorchBackend:
         column = target_local.clamp(min=0)[:, None]
         g.scatter_(1, column, torch.where(has_target[:, None], gt[:, None], g.gather(1, column)))
         no_loss = (a == 0) & (gt == 0) & (c == 0)  # exactly 0, as in the kernels (0 * NaN logits would be NaN)
-        g = torch.where(no_loss[:, None], torch.zeros_like(g), g)
+        g.masked_fill_(no_loss[:, None], 0.0)
         if out is None:
             return g.to(logits.dtype)
         out.copy_(g)
