@@ -226,6 +226,14 @@ def test_tensor_parallel_layout_names_every_parameter_of_each_variant(variant):
     assert all(torch.equal(merged[k], full[k]) for k in full)
 
 
+def test_tensor_parallel_split_refuses_a_tensor_the_model_has_no_place_for():
+    cfg = _config()
+    full = dict(GPTModel(cfg).state_dict())
+    full["decoder.layers.0.self_attention.linear_qkv.bias_extra"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="tensors the model has no place for: .*linear_qkv.bias_extra"):
+        split_state_dict_for_tensor_parallel(full, cfg, 2, 0)
+
+
 def test_tensor_parallel_state_dict_split_and_merge_round_trip():
     cfg = _config(num_attention_heads=8, num_query_groups=4, untie_embeddings_and_output_weights=True)
     full = GPTModel(cfg).state_dict()

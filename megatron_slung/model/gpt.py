@@ -803,6 +803,9 @@ def split_state_dict_for_tensor_parallel(full: Dict[str, torch.Tensor], config: 
     missing = set(layout) - set(full)
     if missing:
         raise ValueError(f"state dict lacks {sorted(missing)}")
+    unexpected = set(full) - set(layout)
+    if unexpected:  # the split would leave them out silently
+        raise ValueError(f"tensors the model has no place for: {sorted(unexpected)[:6]}")
     return {
         name: full[name].clone() if dim is None else split_for_tensor_parallel(full[name], tp_size, tp_rank, dim, parts).clone()
         for name, (dim, parts) in layout.items()

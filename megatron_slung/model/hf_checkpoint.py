@@ -46,7 +46,6 @@ from megatron_slung.model.gpt import (
     GPTConfig,
     merge_tensor_parallel_state_dicts,
     split_state_dict_for_tensor_parallel,
-    tensor_parallel_layout,
 )
 
 StateDict = Dict[str, torch.Tensor]
@@ -259,9 +258,6 @@ def write_checkpoint(path: str, full: StateDict, config: GPTConfig, tensor_paral
     from megatron_slung.training import checkpointing
 
     config.validate_parallel(tensor_parallel, pipeline_parallel)
-    unexpected = set(full) - set(tensor_parallel_layout(config))
-    if unexpected:  # the TP split would leave them out silently
-        raise ValueError(f"tensors the model has no place for: {sorted(unexpected)[:6]}")
     if unpadded_vocab_size is not None and not 0 < unpadded_vocab_size <= config.vocab_size:
         raise ValueError(f"unpadded vocabulary size {unpadded_vocab_size} is not in 1..{config.vocab_size} "
                          "(the padded vocabulary)")
