@@ -370,19 +370,16 @@ class Norm(nn.Module):
         return F.layer_norm(x32, x.shape[-1:], weight.float(), bias.float(), self.eps).to(x.dtype)
 
 
-class RMSNorm(Norm):
-    """Llama's RMSNorm (``Norm`` with ``normalization="RMSNorm"``)."""
-
-    def __init__(self, hidden_size: int, eps: float, **kwargs):
-        super().__init__(hidden_size, eps, normalization="RMSNorm", **kwargs)
+def norm_kwargs(config: GPTConfig) -> dict:
+    """The ``Norm`` settings the config decides (kind, zero-centred gamma, sequence parallel, dtype)."""
+    return dict(normalization=config.normalization, zero_centered_gamma=config.apply_layernorm_1p,
+                sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype)
 
 
 def build_norm(config: GPTConfig, size: Optional[int] = None, grad_summed_over_tp: Optional[bool] = None) -> Norm:
     """The config's norm over ``size`` channels (default hidden_size)."""
-    c = config
-    return Norm(size or c.hidden_size, c.norm_epsilon, normalization=c.normalization,
-                zero_centered_gamma=c.apply_layernorm_1p, sequence_parallel=c.sequence_parallel,
-                grad_summed_over_tp=grad_summed_over_tp, params_dtype=c.params_dtype)
+    return Norm(size or config.hidden_size, config.norm_epsilon, grad_summed_over_tp=grad_summed_over_tp,
+                **norm_kwargs(config))
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> Tuple[torch.Tensor, torch.Tensor]:

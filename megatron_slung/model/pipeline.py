@@ -55,6 +55,7 @@ from megatron_slung.model.gpt import (
     TransformerLayer,
     fused_head_input,
     normal_init,
+    norm_kwargs,
     pipeline_layer_prefixes,
     vocab_parallel_logits,
 )
@@ -75,9 +76,7 @@ class EmbeddingPipe(Embedding):
 
 class FinalNormPipe(Norm):
     def __init__(self, config: GPTConfig):
-        super().__init__(config.hidden_size, config.norm_epsilon, normalization=config.normalization,
-                         zero_centered_gamma=config.apply_layernorm_1p, sequence_parallel=config.sequence_parallel,
-                         params_dtype=config.params_dtype)
+        super().__init__(config.hidden_size, config.norm_epsilon, **norm_kwargs(config))
 
 
 def _head(hidden, weight, sequence_parallel: bool, fused: bool):
