@@ -111,9 +111,6 @@ def _load(path: str) -> dict:
 _ARG_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon", "init_method_std",
                "untie_embeddings_and_output_weights")
-# The architecture switches, written to the arguments too (for people; the record is what is read).
-_SWITCH_FIELDS = ("position_embedding_type", "rotary_percent", "normalization", "apply_layernorm_1p", "qk_layernorm",
-                  "swiglu", "openai_gelu", "add_bias_linear", "add_qkv_bias")
 TRAIN_STATE_FILE = "slung_state.pt"  # the trainer's own state (megatron_slung.training.checkpointing)
 
 
@@ -210,7 +207,11 @@ def read_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[StateDict, GP
 
 def train_args(config: GPTConfig, tensor_parallel: int, pipeline_parallel: int, tokenizer: dict) -> dict:
     """The model's trainer arguments (Megatron names), for ``slung_state.pt`` / ``args.json``."""
-    args = {k: getattr(config, k) for k in _ARG_FIELDS + _SWITCH_FIELDS}
+    from megatron_slung.model.gpt import architecture_fields
+
+    # every field that defines the model (for people; the model_architecture record is what is read) + init std
+    args = {k: getattr(config, k) for k in architecture_fields() if k != "vocab_size"}
+    args["init_method_std"] = config.init_method_std
     args.update(padded_vocab_size=config.vocab_size, tensor_model_parallel_size=tensor_parallel,
                 pipeline_model_parallel_size=pipeline_parallel)
     if tokenizer:
