@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 import time
+import warnings
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -223,16 +224,25 @@ class StepProfiler:
 
     def before_iteration(self, iteration: int) -> None:
         """``iteration``: iterations completed so far."""
-        if not self.enabled or self.done or iteration != self.args.profile_step_start:
+        start, end = self.args.profile_step_start, self.args.profile_step_end
+        if not self.enabled or self.done:
             return
         if self.args.use_pytorch_profiler:
-            from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+            # One warm-up iteration before the window when there is one (Megatron's schedule), then one
+            # ProfilerStep#N per profiled iteration; the trace is written when the last one ends.
+            warmup = 1 if start > 0 else 0
+            if iteration != start - warmup or self._prof is not None:
+                return
+            from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self._prof = profile(activities=activities,
+            with warnings.catch_warnings():  # "won't be using warmup" when the window starts at 0
+                warnings.simplefilter("ignore", UserWarning)
+                when = schedule(wait=0, warmup=warmup, active=end - start, repeat=1)
+            self._prof = profile(activities=activities, schedule=when,
                                  on_trace_ready=tensorboard_trace_handler(self.trace_dir, worker_name=f"rank{self.rank}"))
             self._prof.start()
-        else:
+        elif iteration == start and not self._nsys:
             torch.cuda.check_error(torch.cuda.cudart().cudaProfilerStart())
             self._nsys = True
 
