@@ -5,7 +5,8 @@ the loss (the policy loss that is optimised; mean of the per-iteration losses), 
 seen (plain cross-entropy per token, masked levels included: they carry no loss but are still watched), the
 learning rate, the gradient norm, tokens/s, TFLOP/s per device and MFU, and the ETA. Evaluations report the
 policy loss and, apart from it, the perplexity of the plain cross-entropy (``log_eval``). Only one rank (the
-logging rank) writes.
+logging rank) writes. TensorBoard and W&B get each iteration's own values every ``tensorboard_log_interval``
+iterations (Megatron's ``--tensorboard-log-interval``, default 1), the timing ones every ``log_interval``.
 
 FLOPs: ``flops_per_token`` (the model's formula: 6 x matmul parameters + attention, training) x tokens/s /
 devices = achieved TFLOP/s per device. MFU = that / the device's peak dense 16-bit tensor TFLOP/s, the
