@@ -278,3 +278,22 @@ def test_params_norm_is_the_whole_models_norm_in_every_layout(world, extra):
     expected = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
     got = run_distributed(_norm_body, world, args=(argv + extra,))[-1]
     assert got == pytest.approx([expected], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- on a GPU
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_gpu_only_flags_run_and_write_what_they_say(tmp_path):
+    """--log-memory-to-tensorboard, --profile's Nsight capture range, --fp16, synchronised timers and
+    --empty-unused-memory-level on a GPU (on a CPU the first three are refused at start)."""
+    from tests.pretrain_helpers import run_cli
+
+    proc = run_cli(TINY + ["--train-iters", "4", "--fp16", "--tensorboard-dir", tmp_path / "tb",
+                           "--log-memory-to-tensorboard", "--log-timers-to-tensorboard", "--log-interval", "2",
+                           "--profile", "--profile-step-start", "1", "--profile-step-end", "3",
+                           "--empty-unused-memory-level", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = _events(tmp_path / "tb")
+    for tag in ("mem-reserved-bytes", "mem-allocated-bytes", "mem-max-allocated-bytes", "mem-allocated-count"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3, 4] and events.Scalars(tag)[-1].value > 0
+    assert [e.step for e in events.Scalars("forward-backward-time")] == [2, 4]
