@@ -188,8 +188,11 @@ def test_fp16_on_the_cpu_is_refused_before_initialisation():
     from tests.pretrain_helpers import run_cli
 
     proc = run_cli(TINY + ["--train-iters", "2", "--fp16"], extra_env={"CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 2 and "error: --fp16 needs a CUDA GPU" in proc.stderr
-    assert "megatron-slung pretrain:" not in proc.stdout
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # one line, and nothing initialised: DeepSpeed (whose import alone logs the accelerator) never ran
+    assert proc.stderr.strip().splitlines() == ["error: --fp16 needs a CUDA GPU (DeepSpeed has no fp16 training on "
+                                                "the CPU); use --bf16 or fp32 (no flag)"]
+    assert "accelerator" not in proc.stdout + proc.stderr and "megatron-slung pretrain:" not in proc.stdout
 
 
 def test_grad_reduce_in_bf16_sets_deepspeeds_communication_dtype(tmp_path):
