@@ -25,6 +25,7 @@ PENDING = {
     "--decoupled-lr": "sched",
     "--decoupled-min-lr": "sched",
     "--no-mmap-bin-files": "sched",
+    "--no-create-attention-mask-in-dataloader": "sched",
     "--use-mcore-models": "flags",
     "--cross-entropy-loss-fusion": "flags",
     "--calculate-per-token-loss": "flags",
@@ -145,8 +146,7 @@ def test_flags_that_cannot_be_honoured_are_refused_with_the_reason(extra, messag
 
 def test_the_values_that_change_nothing_are_accepted(tmp_path):
     args = _validate(["--context-parallel-size", "1", "--expert-model-parallel-size", "1", "--ckpt-format", "torch",
-                      "--no-position-embedding", "--no-masked-softmax-fusion",
-                      "--no-create-attention-mask-in-dataloader"])
+                      "--no-position-embedding", "--no-masked-softmax-fusion"])
     assert args.context_parallel_size == 1 and args.ckpt_format == "torch" and not args.add_position_embedding
     args = _validate(["--profile", "--use-pytorch-profiler", "--tensorboard-dir", str(tmp_path), "--profile-step-start",
                       "2", "--profile-step-end", "6", "--profile-ranks", "0", "--manual-gc", "--manual-gc-interval", "3",

@@ -313,10 +313,6 @@ def _add_logs_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
                    help="what it means here: attention is torch's scaled_dot_product_attention, there is no "
                         "separate fused scale-mask-softmax kernel to turn off; the flag states it")
-    g.add_argument("--no-create-attention-mask-in-dataloader", action="store_false",
-                   dest="create_attention_mask_in_dataloader",
-                   help="what it means here: the data loader never builds an attention mask (the attention "
-                        "kernel applies the causal mask); the flag states it")
     g.add_argument("--no-position-embedding", action="store_false", dest="add_position_embedding",
                    help="Megatron's deprecated switch: accepted with --position-embedding-type rope (no position "
                         "table either way), refused otherwise as in Megatron")
