@@ -7,7 +7,6 @@ import glob
 import json
 import math
 import os
-import types
 
 import pytest
 import torch
