@@ -251,7 +251,7 @@ def _norm_body(rank, world_size, argv):
     from megatron_slung.training.pretrain import pretrain
 
     out = pretrain(list(argv))
-    return [r["params_norm"] for r in out["records"] if r["kind"] == "train"] if rank == world_size - 1 else None
+    return [r for r in out["records"] if r["kind"] == "train"] if rank == world_size - 1 else None
 
 
 LAYOUTS = [
@@ -263,9 +263,10 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("world,extra", LAYOUTS)
-def test_params_norm_is_the_whole_models_norm_in_every_layout(world, extra):
+def test_params_norm_is_the_whole_models_norm_in_every_layout(world, extra, tmp_path):
     """With --lr 0 the weights stay at their initialisation, which is the same in every layout: the logged norm
-    must be the norm of one GPTModel's parameters (a tied matrix once), built here in one process."""
+    must be the norm of one GPTModel's parameters (a tied matrix once), built here in one process. (The timers'
+    maximum over ranks and the throughput per GPU run in each layout too.)"""
     from megatron_slung.model.gpt import GPTModel
     from megatron_slung.training.arguments import parse_args
     from megatron_slung.training.pretrain import gpt_config_from_args
@@ -275,8 +276,13 @@ def test_params_norm_is_the_whole_models_norm_in_every_layout(world, extra):
     args = parse_args(argv, world_size=1)
     model = GPTModel(gpt_config_from_args(args, 256))
     expected = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
-    got = run_distributed(_norm_body, world, args=(argv + extra,))[-1]
-    assert got == pytest.approx([expected], rel=1e-6)
+    flops = megatron_flops_per_iteration(model.config, args.global_batch_size, args.seq_length)
+    timing = ["--log-throughput", "--log-timers-to-tensorboard", "--tensorboard-dir", str(tmp_path / "tb")]
+    records = run_distributed(_norm_body, world, args=(argv + extra + timing,))[-1]
+    assert [r["params_norm"] for r in records] == pytest.approx([expected], rel=1e-6)
+    (record,) = records
+    assert record["throughput_tflops_per_gpu"] == pytest.approx(flops / record["iter_time_s"] / world / 1e12)
+    assert record["timers"]["forward-backward"] > 0 and record["timers"]["optimizer"] > 0
 
 
 # --------------------------------------------------------------------------- on a GPU
