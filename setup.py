@@ -82,7 +82,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        # wandb: --wandb-project (optional at run time; the tests read an offline run's files)
+        "test": ["pytest", "pytest-timeout", "wandb"],
         "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval[hf]"],
     },
     ext_modules=[_extension()],

@@ -254,6 +254,134 @@ def _add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
                    help="peak TFLOP/s of one device for MFU (default: looked up from the GPU name)")
 
 
+def _add_logs_args(p: argparse.ArgumentParser) -> None:
+    # Megatron-LM's monitoring flags (training/monitoring.py does what they say) and the small flags of its
+    # example scripts that this trainer can honour.
+    g = p.add_argument_group("logging, profiling, garbage collection (Megatron-LM's flags)")
+    g.add_argument("--log-throughput", action="store_true",
+                   help="add Megatron's 'throughput per GPU (TFLOP/s/GPU)' to the log line (its "
+                        "num_floating_point_operations: causal attention halved); to TensorBoard as 'throughput' "
+                        "with --log-timers-to-tensorboard")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1,
+                   help="write the iteration's scalars (loss, lr, grad norm, per-level ce, params-norm, memory) "
+                        "every this many iterations (Megatron's default 1); throughput and timers every "
+                        "--log-interval")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="events the TensorBoard writer queues before it writes to disk")
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="compute the L2 norm of all weights after each logged update: 'params norm' in the log "
+                        "line, 'params-norm' in TensorBoard/W&B")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="write iteration-time and the timers batch-generator, forward-backward, optimizer "
+                        "(seconds per iteration, max over ranks) every --log-interval")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="validation perplexity to TensorBoard: here always written (valid/ppl, the plain "
+                        "cross-entropy's); the flag states it")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="torch.cuda.memory_stats(): mem-reserved-bytes, mem-allocated-bytes, "
+                        "mem-max-allocated-bytes, mem-allocated-count (a GPU only)")
+    g.add_argument("--wandb-project", default=None,
+                   help="log the same scalars as TensorBoard to this Weights & Biases project (needs the wandb "
+                        "package; WANDB_MODE=offline writes the run locally)")
+    g.add_argument("--wandb-exp-name", default=None, help="the W&B run's name (default: one W&B picks)")
+    g.add_argument("--wandb-save-dir", default=None, help="the W&B run's local files (default SAVE/wandb)")
+    g.add_argument("--wandb-entity", default=None, help="the W&B entity (team) of the project")
+    g.add_argument("--profile", action="store_true",
+                   help="profile iterations --profile-step-start+1 .. --profile-step-end: with "
+                        "--use-pytorch-profiler a torch profiler trace, else Nsight Systems' CUDA capture range")
+    g.add_argument("--profile-step-start", type=int, default=10, help="iteration count when profiling starts")
+    g.add_argument("--profile-step-end", type=int, default=12, help="iteration count when profiling stops")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[], help="ranks to profile (default all)")
+    g.add_argument("--use-pytorch-profiler", action="store_true",
+                   help="torch.profiler: writes rankR.<time>.pt.trace.json under --tensorboard-dir (TensorBoard's "
+                        "profiler plugin, chrome://tracing or Perfetto open it)")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="turn Python's automatic garbage collector off for the run and collect at fixed points "
+                        "(start, --manual-gc-interval, around evaluations) so all ranks pause together")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc, a full collection every this many iterations (0: none)")
+    g.add_argument("--no-manual-gc-eval", "--disable-manual-gc-eval", action="store_false", dest="manual_gc_eval",
+                   help="with --manual-gc, no collection before and after each evaluation")
+
+    g = p.add_argument_group("other flags of Megatron-LM's example scripts")
+    g.add_argument("--empty-unused-memory-level", type=int, choices=[0, 1, 2], default=0,
+                   help="torch.cuda.empty_cache() after each training iteration (1) and also after each "
+                        "evaluation (2); nothing to release on a CPU")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="with --bf16: reduce gradients across data-parallel ranks in bf16 (DeepSpeed's "
+                        "communication_data_type)")
+    g.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
+                   help="what it means here: attention is torch's scaled_dot_product_attention, there is no "
+                        "separate fused scale-mask-softmax kernel to turn off; the flag states it")
+    g.add_argument("--no-position-embedding", action="store_false", dest="add_position_embedding",
+                   help="Megatron's deprecated switch: accepted with --position-embedding-type rope (no position "
+                        "table either way), refused otherwise as in Megatron")
+
+
+# Megatron-LM flags this trainer cannot honour: parsed (so a script gets the reason, not "unrecognized
+# arguments"), refused by _validate_refused unless the value is the one that changes nothing.
+_FP8_REASON = ("FP8 training runs the matmuls through Transformer Engine's FP8 layers on a GPU (Megatron's "
+               "--transformer-impl transformer_engine); this trainer's layers are plain torch{why}. Drop the FP8 "
+               "flags (train with --bf16)")
+_MOE_REASON = ("mixture-of-experts is not implemented: this trainer builds dense MLPs only. Drop the MoE flags for a "
+               "dense model")
+REFUSED_FLAGS = {
+    # flag: (dest, the value that is accepted (None: any value given is refused), reason)
+    "--fp8-format": ("fp8", None, _FP8_REASON),
+    "--fp8-recipe": ("fp8_recipe", None, _FP8_REASON),
+    "--fp8-margin": ("fp8_margin", None, _FP8_REASON),
+    "--fp8-interval": ("fp8_interval", None, _FP8_REASON),
+    "--fp8-amax-history-len": ("fp8_amax_history_len", None, _FP8_REASON),
+    "--fp8-amax-compute-algo": ("fp8_amax_compute_algo", None, _FP8_REASON),
+    "--fp8-param-gather": ("fp8_param_gather", None, _FP8_REASON),
+    "--context-parallel-size": ("context_parallel_size", 1,
+                                "context parallelism (the sequence split over GPUs, ring attention) is not "
+                                "implemented; use --sequence-parallel with tensor parallelism, or a shorter "
+                                "--seq-length per GPU"),
+    "--ckpt-format": ("ckpt_format", "torch",
+                      "checkpoints are DeepSpeed's per-rank torch.save files (--ckpt-format torch); Megatron's "
+                      "distributed formats (torch_dist, torch_dcp, fsdp_dtensor) are not implemented. Use "
+                      "--ckpt-format torch, or tools/convert_to_hf.py for a layout-free copy"),
+    "--num-experts": ("num_experts", None, _MOE_REASON),
+    "--expert-model-parallel-size": ("expert_model_parallel_size", 1, _MOE_REASON),
+    "--moe-router-topk": ("moe_router_topk", None, _MOE_REASON),
+    "--moe-router-load-balancing-type": ("moe_router_load_balancing_type", None, _MOE_REASON),
+    "--moe-aux-loss-coeff": ("moe_aux_loss_coeff", None, _MOE_REASON),
+    "--moe-grouped-gemm": ("moe_grouped_gemm", None, _MOE_REASON),
+    "--moe-token-dispatcher-type": ("moe_token_dispatcher_type", None, _MOE_REASON),
+    "--use-torch-fsdp2": ("use_torch_fsdp2", None,
+                          "torch FSDP2 is not the engine here: weights are sharded by DeepSpeed's ZeRO; use "
+                          "--zero-stage 3 (or --use-distributed-optimizer for ZeRO-1)"),
+    "--tp-comm-overlap": ("tp_comm_overlap", None,
+                          "overlapping tensor-parallel communication with the matmuls needs Transformer Engine's "
+                          "userbuffers layers, which this trainer does not use"),
+}
+
+
+def _add_refused_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Megatron-LM flags refused here (the error says why; see docs/training.md)")
+    g.add_argument("--fp8-format", dest="fp8", choices=["e4m3", "hybrid"], default=None)
+    g.add_argument("--fp8-recipe", choices=["tensorwise", "delayed", "mxfp8", "blockwise", "custom"],
+                   default="delayed")
+    g.add_argument("--fp8-margin", type=int, default=0)
+    g.add_argument("--fp8-interval", type=int, default=1)
+    g.add_argument("--fp8-amax-history-len", type=int, default=1)
+    g.add_argument("--fp8-amax-compute-algo", choices=["most_recent", "max"], default="most_recent")
+    g.add_argument("--fp8-param-gather", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1, help="1 only")
+    g.add_argument("--ckpt-format", choices=["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"], default="torch",
+                   help="torch only (DeepSpeed's per-rank files; Megatron's default torch_dist is not implemented)")
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1, help="1 only")
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-router-load-balancing-type", nargs="+", default="aux_loss")
+    g.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=0.0)
+    g.add_argument("--moe-grouped-gemm", action="store_true")
+    g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"], default="allgather")
+    g.add_argument("--use-torch-fsdp2", action="store_true")
+    g.add_argument("--tp-comm-overlap", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _RaisingParser(
         prog="python -m megatron_slung.pretrain",
@@ -267,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_loss_args(p)
     _add_checkpoint_logging_args(p)
+    _add_logs_args(p)
+    _add_refused_args(p)
     return p
 
 
@@ -526,6 +656,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if "exit_signal" in getattr(args, "explicit_flags", ()) and not args.exit_signal_handler:
         _fail(f"--exit-signal {args.exit_signal} has no effect without --exit-signal-handler")
 
+    _validate_logs(args)
+    _validate_refused(args)
+
     # ---- the DeepSpeed config (generated, or the user's checked against everything above)
     from megatron_slung.training.deepspeed_config import resolve_deepspeed_config
 
@@ -605,6 +738,91 @@ def _validate_model_shape(args: argparse.Namespace, tp: int, pp: int) -> None:
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(args, name) < 1.0:
             _fail(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+
+
+def _given(args, dest: str) -> bool:
+    """Was ``dest`` set by the user (command line or config file)? Without the record: differs from the default."""
+    explicit = getattr(args, "explicit_flags", None)
+    if explicit is not None:
+        return dest in explicit
+    return getattr(args, dest) != build_parser().get_default(dest)
+
+
+def _validate_logs(args: argparse.Namespace) -> None:
+    """Checks of the monitoring flags: each does what it says, or the run does not start."""
+    if args.tensorboard_log_interval < 1:
+        _fail(f"--tensorboard-log-interval must be >= 1, got {args.tensorboard_log_interval}")
+    if args.tensorboard_queue_size < 1:
+        _fail(f"--tensorboard-queue-size must be >= 1, got {args.tensorboard_queue_size}")
+    for name in ("log_timers_to_tensorboard", "log_validation_ppl_to_tensorboard", "log_memory_to_tensorboard"):
+        if getattr(args, name) and not args.tensorboard_dir and not args.wandb_project:
+            _fail(f"--{name.replace('_', '-')} needs --tensorboard-dir DIR (or --wandb-project): it would write "
+                  "nothing")
+    # W&B: Megatron's save-directory rule; the package is optional, so its absence is an error here.
+    for name in ("wandb_exp_name", "wandb_save_dir", "wandb_entity"):
+        if getattr(args, name) is not None and not args.wandb_project:
+            _fail(f"--{name.replace('_', '-')} has no effect without --wandb-project")
+    if args.wandb_project:
+        if not args.wandb_save_dir and not args.save:
+            _fail("--wandb-project needs --wandb-save-dir DIR or --save DIR (the run's files go to SAVE/wandb)")
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            _fail("--wandb-project needs the wandb package, which is not installed: pip install wandb")
+    # Profiler.
+    if not args.profile:
+        for name in ("use_pytorch_profiler", "profile_ranks", "profile_step_start", "profile_step_end"):
+            if _given(args, name):
+                _fail(f"--{name.replace('_', '-')} has no effect without --profile")
+    else:
+        if args.profile_step_start < 0 or args.profile_step_end <= args.profile_step_start:
+            _fail(f"--profile-step-start ({args.profile_step_start}) must be >= 0 and less than --profile-step-end "
+                  f"({args.profile_step_end})")
+        if args.profile_step_end > args.train_iters:
+            _fail(f"--profile-step-end ({args.profile_step_end}) is past --train-iters ({args.train_iters}): the "
+                  "profile would never be complete")
+        bad = [r for r in args.profile_ranks if not 0 <= r < args.world_size]
+        if bad:
+            _fail(f"--profile-ranks {' '.join(map(str, bad))}: no such rank (world size {args.world_size})")
+        if args.use_pytorch_profiler and not args.tensorboard_dir:
+            _fail("--use-pytorch-profiler writes its trace under --tensorboard-dir; give --tensorboard-dir DIR")
+    # Manual garbage collection.
+    if args.manual_gc_interval < 0:
+        _fail(f"--manual-gc-interval must be >= 0, got {args.manual_gc_interval}")
+    if not args.manual_gc:
+        for name, flag in (("manual_gc_interval", "--manual-gc-interval"), ("manual_gc_eval", "--no-manual-gc-eval")):
+            if _given(args, name):
+                _fail(f"{flag} has no effect without --manual-gc")
+    # Other example-script flags.
+    if args.grad_reduce_in_bf16 and not args.bf16:
+        _fail("--grad-reduce-in-bf16 reduces bf16 gradients: it needs --bf16")
+    if not args.add_position_embedding and args.position_embedding_type != "rope":
+        _fail("--no-position-embedding is deprecated (as in Megatron-LM): use --position-embedding-type none (or "
+              "rope)")
+
+
+def _validate_refused(args: argparse.Namespace) -> None:
+    """The Megatron flags of REFUSED_FLAGS: refused with the reason, unless given the value that changes nothing."""
+    for flag, (dest, accepted, reason) in REFUSED_FLAGS.items():
+        if not _given(args, dest):
+            continue
+        value = getattr(args, dest)
+        if accepted is not None and value == accepted:
+            continue
+        why = ""
+        if "{why}" in reason:
+            import importlib.util
+
+            missing = []
+            if importlib.util.find_spec("transformer_engine") is None:
+                missing.append("Transformer Engine is not installed")
+            import torch
+
+            if not torch.cuda.is_available():
+                missing.append("no GPU is visible")
+            why = f" ({', '.join(missing)})" if missing else ""
+        shown = "" if isinstance(value, bool) else " " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+        _fail(f"{flag}{shown}: refused: {reason.format(why=why)}")
 
 
 def _check_data_path(paths: List[str]) -> None:

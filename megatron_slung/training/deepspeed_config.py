@@ -64,6 +64,12 @@ def _precision_sections(args) -> Dict[str, Any]:
     return {"bf16": {"enabled": bool(args.bf16)}, "fp16": fp16}
 
 
+def _grad_reduce_section(args: argparse.Namespace) -> Dict[str, Any]:
+    """--grad-reduce-in-bf16 (Megatron: gradients accumulated and all-reduced in bf16, not fp32): DeepSpeed's
+    ``communication_data_type``; at ZeRO 1 the fp32 accumulation above is dropped too."""
+    return {"communication_data_type": "bf16"} if getattr(args, "grad_reduce_in_bf16", False) else {}
+
+
 def build_deepspeed_config(args: argparse.Namespace) -> Dict[str, Any]:
     """The DeepSpeed config for validated ``args`` (see the module docstring for what comes from where)."""
     config: Dict[str, Any] = {
@@ -76,8 +82,9 @@ def build_deepspeed_config(args: argparse.Namespace) -> Dict[str, Any]:
         "zero_optimization": {"stage": int(args.zero_stage)},
     }
     config.update(_precision_sections(args))
-    if args.bf16 and args.zero_stage == 1:
+    if args.bf16 and args.zero_stage == 1 and not getattr(args, "grad_reduce_in_bf16", False):
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+    config.update(_grad_reduce_section(args))
     if args.pipeline_model_parallel_size > 1 and args.sequence_parallel:
         config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return config
@@ -136,8 +143,12 @@ def check_user_config(user: Dict[str, Any], args: argparse.Namespace, source: st
             config["fp16"].setdefault(key, value)
     else:
         config.setdefault("fp16", generated["fp16"])
-    if args.bf16 and args.zero_stage == 1:
+    if args.bf16 and args.zero_stage == 1 and not getattr(args, "grad_reduce_in_bf16", False):
         config.setdefault("data_types", {"grad_accum_dtype": "fp32"})
+    for key, value in _grad_reduce_section(args).items():
+        if config.get(key, value) != value:
+            raise ArgumentError(f"{source}: {key} = {config[key]!r} disagrees with --grad-reduce-in-bf16")
+        config[key] = value
     if args.pipeline_model_parallel_size > 1 and args.sequence_parallel:
         pipe = config.setdefault("pipeline", {})
         if pipe.get("pipe_partitioned") or pipe.get("grad_partitioned"):

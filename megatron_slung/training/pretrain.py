@@ -453,6 +453,9 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     # Paths, tokenizer and data/tokenizer fit first: a mistake there is a one-line error before any process
     # group or DeepSpeed engine exists.
     inputs = check_inputs(args)
+    from megatron_slung.training import monitoring
+
+    monitoring.check_device_flags(args, cuda=monitoring.will_use_cuda(args))  # --fp16, --profile (nsys) ...
     from megatron_slung.training.distributed import initialize_distributed
 
     device = initialize_distributed(args.distributed_backend, args.distributed_timeout_minutes)
@@ -470,6 +473,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
 
 def _run(args, device, inputs: CheckedInputs) -> dict:
     from megatron_slung.model.gpt import flops_per_token
+    from megatron_slung.training.monitoring import Monitor, init_wandb, megatron_flops_per_iteration
 
     t0 = time.time()
     if not hasattr(args, "load_metadata"):  # args not made by parse_args(validate=True): resolve --load here
@@ -519,6 +523,10 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
     valid_loader = (CyclicLoader(valid_ds, consumed_valid, args, trainer.dp_rank, trainer.dp_size)
                     if loads and valid_ds is not None else None)
 
+    monitor = Monitor(args, trainer, _comm_device(trainer))  # --log-params-norm, timers, --profile, --manual-gc
+    for line in monitor.notes(iteration):
+        _print_status(line)
+    wandb_run = init_wandb(args, args_to_dict(args)) if args.wandb_project and trainer.is_logging_rank else None
     logger = TrainingLogger(
         enabled=trainer.is_logging_rank, policy=trainer.policy, train_iters=args.train_iters,
         log_interval=args.log_interval, tokens_per_iteration=args.global_batch_size * args.seq_length,
@@ -526,7 +534,11 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
         device_name=torch.cuda.get_device_name() if device.type == "cuda" else None,
         peak_tflops_per_device=args.peak_tflops, tensorboard_dir=args.tensorboard_dir,
         metrics_jsonl=args.metrics_jsonl, progress_bar=False if args.no_progress_bar else None,
-        start_iteration=iteration,
+        start_iteration=iteration, tensorboard_log_interval=args.tensorboard_log_interval,
+        tensorboard_queue_size=args.tensorboard_queue_size, wandb_run=wandb_run,
+        throughput_flops_per_iteration=(megatron_flops_per_iteration(trainer.config, args.global_batch_size,
+                                                                     args.seq_length) if args.log_throughput else None),
+        log_timers=args.log_timers_to_tensorboard,
     )
     _print_status(f"setup took {time.time() - t0:.1f} s; training from iteration {iteration} to {args.train_iters}")
     last_saved = iteration if args.load and iteration > 0 else None
@@ -535,7 +547,8 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
     def run_eval(split_loader, split: str):
         nonlocal consumed_valid
         start = time.perf_counter()
-        stats = evaluate(trainer, split_loader, args.eval_iters)
+        with monitor.evaluation():  # --manual-gc around evaluations, --empty-unused-memory-level 2
+            stats = evaluate(trainer, split_loader, args.eval_iters)
         if split == "valid":
             consumed_valid += args.eval_iters * args.global_batch_size
         if stats is not None and trainer.is_logging_rank:
@@ -561,13 +574,18 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
         logger.exclude_time(time.perf_counter() - start)
 
     stopped_early = False
+    timers = monitor.timers
+    monitor.start()
     try:
         while iteration < args.train_iters:
+            monitor.before_iteration(iteration)
             micro = None
-            if loads:
-                micro = [to_micro_batch(s) for s in
-                         next_micro_batches(train_loader, args.gradient_accumulation_steps, "training")]
-            stats, skipped, lr = train_step(trainer, micro)
+            with timers.time("batch-generator"):
+                if loads:
+                    micro = [to_micro_batch(s) for s in
+                             next_micro_batches(train_loader, args.gradient_accumulation_steps, "training")]
+            with timers.time("forward-backward", excluding="optimizer"):
+                stats, skipped, lr = train_step(trainer, micro)
             iteration += 1
             consumed_train += args.global_batch_size
             step_stats = _stats_to_step(stats, lr, trainer.grad_norm, skipped) if stats is not None else None
@@ -588,8 +606,9 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                 )
             if what and trainer.is_logging_rank:
                 logger.print(f"iteration {iteration}: {what} is NaN/inf, update skipped (--skip-nan-steps)")
+            extras, timer_values = monitor.after_iteration(iteration, trainer.is_logging_rank)
             if trainer.is_logging_rank and step_stats is not None:
-                logger.log_iteration(iteration, step_stats, consumed_train)
+                logger.log_iteration(iteration, step_stats, consumed_train, extras, timer_values)
             if args.eval_interval and args.eval_iters > 0 and iteration % args.eval_interval == 0 and valid_ds is not None:
                 run_eval(valid_loader, "valid")
                 evaluated_at = iteration
@@ -616,6 +635,7 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                            f"{args.train_iters}") from None
     finally:
         exit_conditions.close()
+        monitor.close()
         logger.close()
     train_records = [r for r in logger.records if r["kind"] == "train"]
     _print_status(f"done: iteration {iteration}, {time.time() - t0:.1f} s in all")
