@@ -77,7 +77,7 @@ def test_drop_leading_fragment():
 
 
 def test_bad_words_come_from_the_insults_package():
-    from megatron_slung.data.corpora import CorpusUnavailable
+    from megatron_slung.experiment.corpora import CorpusUnavailable
 
     try:
         words = scoring.bad_words()
@@ -124,7 +124,7 @@ def test_scales_differ_only_in_sizes():
 @pytest.mark.slow
 def test_quickstart_smoke_run_every_stage_and_treatment(tmp_path):
     """The quickstart path at the smallest size: real corpus -> ... -> table, every treatment."""
-    from megatron_slung.data.corpora import PACKAGES, CorpusUnavailable, ensure_package
+    from megatron_slung.experiment.corpora import PACKAGES, CorpusUnavailable, ensure_package
 
     for name in PACKAGES:
         try:

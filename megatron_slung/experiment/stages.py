@@ -171,7 +171,7 @@ class DataArtifacts:
 
 
 def stage_corpus(run_dir: str, input_path: str | None, seed: int) -> dict:
-    from megatron_slung.data.corpora import SplitConfig, build_corpus
+    from megatron_slung.experiment.corpora import SplitConfig, build_corpus
 
     corpus_dir = os.path.join(run_dir, "corpus")
     start = time.perf_counter()
