@@ -31,7 +31,7 @@ def get_args(argv=None):
     p.add_argument("--output", required=True, help="output .jsonl (OUT.partial and OUT.state.json while running)")
     p.add_argument("--generator", required=True, metavar="DIR|none",
                    help="a local HF causal-LM directory, or none: replace units by narrative templates")
-    p.add_argument("--engine", choices=ENGINES, default="auto", help="auto: vLLM when installed and a GPU is present")
+    p.add_argument("--engine", choices=ENGINES, default=None, help="auto (default): vLLM when installed and a GPU is present")
     p.add_argument("--unit", choices=UNITS, default="span", help="rewrite each risky span, or the whole document")
     p.add_argument("--min-level", type=int, default=3, help="risk level at or above which text is rewritten")
     p.add_argument("--template", action="append", default=[], metavar="FILE",
@@ -41,14 +41,25 @@ def get_args(argv=None):
     p.add_argument("--risk-key", default="risk_spans")
     p.add_argument("--emit", choices=("all", "rephrased"), default="all", help="write every record, or only rewritten ones")
     p.add_argument("--batch-size", type=int, default=16, help="units generated together")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 256")
+    p.add_argument("--temperature", type=float, default=None, help="default 0.7; 0: greedy")
+    p.add_argument("--top-p", type=float, default=None, help="default 0.9")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default=None, help="hf engine: cuda or cpu (default: cuda when available)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (a rerun continues)")
     p.add_argument("--summary-json", default=None, help="write the counts here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    gen_flags = {"--engine": args.engine, "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature,
+                 "--top-p": args.top_p, "--device": args.device}
+    if args.generator == "none" and any(v is not None for v in gen_flags.values()):
+        p.error(f"{', '.join(k for k, v in gen_flags.items() if v is not None)}: set how a generator samples; "
+                "--generator none runs no model")
+    defaults = GenerationConfig()
+    args.engine = args.engine or "auto"
+    args.max_new_tokens = defaults.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    args.temperature = defaults.temperature if args.temperature is None else args.temperature
+    args.top_p = defaults.top_p if args.top_p is None else args.top_p
+    return args
 
 
 def main(argv=None) -> int:
