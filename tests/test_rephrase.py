@@ -124,3 +124,5 @@ def test_bad_input_and_flags_are_refused(tmp_path, gpt2):
     tpl = tmp_path / "t.txt"
     tpl.write_text("no placeholder")
     assert _run("--input", src, "--output", tmp_path / "o.jsonl", "--generator", gpt2, "--template", tpl) == 1
+    with pytest.raises(SystemExit):  # generation flags mean nothing without a generator
+        _run("--input", src, "--output", tmp_path / "o.jsonl", "--generator", "none", "--temperature", "0")
