@@ -165,7 +165,7 @@ def test_quickstart_smoke_run_every_stage_and_treatment(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "examples", "quickstart.py"), "--scale", "smoke", "--run-dir", str(run_dir),
            "--treatments", ",".join(TREATMENTS), "--shares", "10"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     # every stage left its files

@@ -190,8 +190,9 @@ def _rewrite_batch(batch, cfg: RephraseConfig, templates, gen, counts) -> list[s
     # 2. generate (prompts that do not fit the context drop their record)
     too_long = set()
     if gen is not None:
-        fit = [j for j in jobs if gen.fits(j[5])]
-        too_long = {j[0] for j in jobs if not gen.fits(j[5])}
+        fits = [gen.fits(j[5]) for j in jobs]
+        fit = [j for j, ok in zip(jobs, fits) if ok]
+        too_long = {j[0] for j, ok in zip(jobs, fits) if not ok}
         seed = int(unit_random(cfg.seed, "batch", counts["batches"]) * 2 ** 31)
         texts = gen.generate([j[5] for j in fit], seed) if fit else []
         for j, t in zip(fit, texts):
