@@ -67,6 +67,7 @@ setup(
     version="0.1.0",
     description="Risk-aware large-scale GPT pretraining: selective loss on tagged data, Megatron-style parallelism on DeepSpeed",
     packages=find_packages(include=["megatron_slung", "megatron_slung.*"]),
+    package_data={"megatron_slung.safety": ["templates/*.md", "templates/*.txt", "templates/*/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -195,7 +195,7 @@ def test_trains_on_a_dataset_made_by_the_tools(tmp_path):
                                             capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    tool("-m", "megatron_slung.data.synthetic", "--output", tmp_path / "raw.jsonl", "--docs", 300,
+    tool("-m", "megatron_slung.experiment.synthetic", "--output", tmp_path / "raw.jsonl", "--docs", 300,
          "--word-lists", tmp_path / "lists")
     tool("tools/train_tokenizer.py", "--input", tmp_path / "raw.jsonl", "--output-prefix", tmp_path / "spm",
          "--vocab-size", 1000)
