@@ -84,7 +84,8 @@ setup(
     ],
     extras_require={
         # wandb: --wandb-project (optional at run time; the tests read an offline run's files)
-        "test": ["pytest", "pytest-timeout", "wandb"],
+        # fasttext-numpy2: tools/train_risk_classifier.py --backend fasttext (optional at run time)
+        "test": ["pytest", "pytest-timeout", "wandb", "fasttext-numpy2"],
         "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval[hf]"],
     },
     ext_modules=[_extension()],
