@@ -106,6 +106,7 @@ class _Window:
     loss_sum: float = 0.0
     loss_iters: int = 0
     num_tokens: int = 0
+    trained_tokens: int = 0  # tokens of the samples trained (the global batches' sizes x sequence length)
     grad_norm_sum: float = 0.0
     grad_norm_iters: int = 0
     level_count: torch.Tensor = field(default_factory=lambda: torch.zeros(NUM_LEVELS, dtype=torch.float64))
@@ -177,10 +178,13 @@ class TrainingLogger:
         """Leave ``seconds`` (an evaluation, a checkpoint) out of the interval's training time."""
         self.window.start_time += seconds
 
-    def log_iteration(self, iteration: int, stats: StepStats, consumed_samples: int) -> Optional[dict]:
-        """Add one iteration; every ``log_interval`` iterations write and return the record."""
+    def log_iteration(self, iteration: int, stats: StepStats, consumed_samples: int,
+                      tokens: Optional[int] = None) -> Optional[dict]:
+        """Add one iteration (``tokens``: its global batch's, default ``tokens_per_iteration``: a batch-size
+        ramp-up changes it); every ``log_interval`` iterations write and return the record."""
         w = self.window
         w.iterations += 1
+        w.trained_tokens += self.tokens_per_iteration if tokens is None else int(tokens)
         if stats.skipped:
             w.skipped += 1
         if math.isfinite(stats.loss):
@@ -203,7 +207,7 @@ class TrainingLogger:
         w = self.window
         elapsed = max(time.perf_counter() - w.start_time, 1e-9)
         iter_time = elapsed / w.iterations
-        tokens_per_s = self.tokens_per_iteration * w.iterations / elapsed
+        tokens_per_s = w.trained_tokens / elapsed
         tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
         mfu = tflops / self.peak if self.peak else None
         loss = w.loss_sum / w.loss_iters if w.loss_iters else float("nan")
