@@ -199,3 +199,21 @@ def test_data_path_refusals(extra, message):
 
     with pytest.raises(ArgumentError, match=__import__("re").escape(message)):
         parse_args(_data_flags(*extra), world_size=1)
+
+
+def test_no_mmap_bin_files_reads_the_same_samples(tmp_path):
+    import numpy as np
+
+    from megatron_slung.data.gpt_dataset import build_gpt_datasets
+    from megatron_slung.data.indexed_dataset import FileBinReader, IndexedDataset
+
+    prefix = _dataset(tmp_path / "d", 0, 250)
+    mapped, read = IndexedDataset(prefix), IndexedDataset(prefix, mmap=False)
+    assert isinstance(read._bin, FileBinReader) and isinstance(read._risk_bin, FileBinReader)
+    assert np.array_equal(mapped.read(3, 100), read.read(3, 100)) and mapped.token_id_range() == read.token_id_range()
+    assert np.array_equal(mapped.read_risk(50, 30), read.read_risk(50, 30))
+    a = build_gpt_datasets([prefix], "1", 32, 1, (20, 0, 0), cache_dir=str(tmp_path / "c"))[0]
+    b = build_gpt_datasets([prefix], "1", 32, 1, (20, 0, 0), cache_dir=str(tmp_path / "c"), mmap=False)[0]
+    for i in range(20):
+        assert all(torch.equal(a[i][k], b[i][k]) for k in a[i])
+
