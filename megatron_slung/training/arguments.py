@@ -14,8 +14,11 @@ All derived values are set as attributes of the namespace:
     data_parallel_size, gradient_accumulation_steps, world_size,
     ffn_hidden_size, num_query_groups, kv_channels, max_position_embeddings, position_embedding_type
     (rope with --use-rotary-position-embeddings), group_query_attention (on for a GQA checkpoint adopted
-    by --load), lr_decay_iters,
-    lr_warmup_iters, zero_stage, params_dtype ("float32" | "bfloat16" | "float16").
+    by --load), lr_decay_iters (with --train-iters), lr_decay_samples (with --train-samples),
+    lr_warmup_iters, train_iters (with --train-samples: the iterations whose batches fit), start_weight_decay /
+    end_weight_decay (= weight_decay with the constant style), data_path (from --data-args-path),
+    train/valid/test_data_path (from --per-split-data-args-path), zero_stage,
+    params_dtype ("float32" | "bfloat16" | "float16").
 """
 
 from __future__ import annotations
