@@ -206,3 +206,10 @@ def test_legacy_state_counted_updates():
     assert sched.num_steps == 24
     sched.load_state_dict(sched.state_dict())
     assert sched.num_steps == 24
+
+
+def test_rampup_in_a_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rampup-batch-size: [4, 4, 60]\ntrain-samples: 100\nglobal-batch-size: 16\n")
+    args = parse_args(BASE + ["--config", str(path)], world_size=1)
+    assert args.rampup_batch_size == [4, 4, 60] and args.train_iters == 12

@@ -320,7 +320,7 @@ def config_to_argv(config: dict, parser: argparse.ArgumentParser, source: str) -
             continue
         if value is None:
             continue
-        if action.nargs in ("*", "+"):
+        if action.nargs in ("*", "+") or isinstance(action.nargs, int):  # lists (--rampup-batch-size: 3 values)
             values = value if isinstance(value, list) else str(value).split()
             argv += [opt] + [str(v) for v in values]
         else:
