@@ -96,6 +96,7 @@ def test_rampup_under_pipeline_parallelism_matches_one_process(single):
     _assert_same_losses(train_records(piped[-1]["records"]), single)
 
 
+@pytest.mark.slow  # four runs of the job
 def test_resume_mid_rampup_and_mid_wsd_is_bit_exact(tmp_path):
     """9 steps straight == stop at 2 (inside the ramp) + stop at 5 (inside WSD's anneal) + the rest; with a
     decoupled lr, a linear weight-decay increment and dropout. A checkpoint is saved when the number of
