@@ -59,6 +59,7 @@ def _assert_same_losses(got, expected):
         assert abs(g["loss"] - e["loss"]) <= 1e-4 and g["lr"] == e["lr"] and g["loss_tokens"] == e["loss_tokens"]
 
 
+@pytest.mark.distributed
 def test_rampup_data_order_micro_batches_and_lr_by_samples(single):
     """DP = 2 with ZeRO-2: global batch k is samples [c_k, c_k + G_k), split over the ranks micro-batch by
     micro-batch; the number of micro-batches follows the ramp; the lr of step k is Megatron's at c_k samples
@@ -88,6 +89,7 @@ def test_rampup_data_order_micro_batches_and_lr_by_samples(single):
     assert BatchSizeSchedule(12, (4, 4, 16)).iterations_for(52) == 6
 
 
+@pytest.mark.distributed
 def test_rampup_under_pipeline_parallelism_matches_one_process(single):
     """DeepSpeed's PipelineEngine takes the growing number of micro-batches (set_train_batch_size)."""
     piped = run_distributed(_ramp_body, 2, args=(RAMP + ["--decoupled-lr", "1e-3", "--pipeline-model-parallel-size",
