@@ -14,8 +14,11 @@ All derived values are set as attributes of the namespace:
     data_parallel_size, gradient_accumulation_steps, world_size,
     ffn_hidden_size, num_query_groups, kv_channels, max_position_embeddings, position_embedding_type
     (rope with --use-rotary-position-embeddings), group_query_attention (on for a GQA checkpoint adopted
-    by --load), lr_decay_iters,
-    lr_warmup_iters, zero_stage, params_dtype ("float32" | "bfloat16" | "float16").
+    by --load), lr_decay_iters (with --train-iters), lr_decay_samples (with --train-samples),
+    lr_warmup_iters, train_iters (with --train-samples: the iterations whose batches fit), start_weight_decay /
+    end_weight_decay (= weight_decay with the constant style), data_path (from --data-args-path),
+    train/valid/test_data_path (from --per-split-data-args-path), zero_stage,
+    params_dtype ("float32" | "bfloat16" | "float16").
 """
 
 from __future__ import annotations
@@ -141,12 +144,14 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer and learning rate (Megatron semantics)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"],
-                   default="linear")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   default="linear", help="WSD: warmup, stable at --lr, then an anneal of --lr-wsd-decay-iters/-samples")
     g.add_argument("--lr-warmup-iters", type=int, default=None, help="default 0")
-    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of decay iters")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of the decay (iterations or samples; not rounded, as in Megatron)")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--weight-decay", type=float, default=0.01,
+                   help="with --weight-decay-incr-style constant (the default)")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -397,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_logging_args(p)
     _add_logs_args(p)
     _add_refused_args(p)
+    _add_sched_args(p)
     return p
 
 
@@ -444,7 +450,7 @@ def config_to_argv(config: dict, parser: argparse.ArgumentParser, source: str) -
             continue
         if value is None:
             continue
-        if action.nargs in ("*", "+"):
+        if action.nargs in ("*", "+") or isinstance(action.nargs, int):  # lists (--rampup-batch-size: 3 values)
             values = value if isinstance(value, list) else str(value).split()
             argv += [opt] + [str(v) for v in values]
         else:
@@ -515,14 +521,16 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     """Check the flags for ``world_size`` ranks and fill in the derived values (in place; returns args)."""
     world_size = world_size_from_env() if world_size is None else int(world_size)
     args.world_size = world_size
-    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-             "train_iters", "lr")
+    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr")
+    if (args.train_iters is None) == (args.train_samples is None):
+        _fail("give --train-iters or --train-samples (exactly one: Megatron trains by iterations or by samples)")
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                  "tensor_model_parallel_size", "pipeline_model_parallel_size", "log_interval"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.train_iters < 0:
-        _fail(f"--train-iters must be >= 0, got {args.train_iters}")
+    for name in ("train_iters", "train_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            _fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
     # ---- parallel layout
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -572,25 +580,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         _fail("--fused-linear-ce is not supported with ZeRO stage 3 (the loss reads the output weight outside the "
               "model's forward, where ZeRO-3 has released it); use ZeRO 0-2")
 
-    # ---- learning rate (Megatron's defaults and checks)
-    if args.lr < 0 or args.min_lr < 0:
-        _fail("--lr and --min-lr must be >= 0")
-    if args.min_lr > args.lr:
-        _fail(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters is not None and args.lr_warmup_fraction is not None:
-        _fail("give --lr-warmup-iters or --lr-warmup-fraction, not both")
-    if args.lr_warmup_fraction is not None:
-        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
-            _fail(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
-        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
-    if args.lr_warmup_iters is None:
-        args.lr_warmup_iters = 0
-    if args.lr_warmup_iters < 0:
-        _fail(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
-    if args.lr_decay_style != "constant" and args.lr_warmup_iters > args.lr_decay_iters:
-        _fail(f"--lr-warmup-iters ({args.lr_warmup_iters}) is larger than --lr-decay-iters ({args.lr_decay_iters})")
+    # ---- learning rate, weight decay, batch-size ramp-up, iterations or samples (Megatron's rules)
+    _validate_sched(args)
     if args.clip_grad is not None and args.clip_grad < 0:
         _fail(f"--clip-grad must be >= 0 (0 disables), got {args.clip_grad}")
 
@@ -605,13 +596,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         _fail(f"--z-loss must be >= 0, got {args.z_loss}")
 
     # ---- data and tokenizer
-    if args.mock_data and args.data_path:
-        _fail("give --data-path or --mock-data, not both")
-    if not args.mock_data and not args.data_path:
-        _fail("give --data-path PREFIX (a preprocessed dataset) or --mock-data (synthetic tokens)")
-    if args.data_path:
-        _check_data_path(args.data_path)
-    _check_split(args.split)
+    _validate_data_paths(args)
     if args.tokenizer_type is None:
         if args.vocab_size is None:
             _fail("give --tokenizer-type and --tokenizer-model, or --vocab-size (NullTokenizer)")
@@ -825,18 +810,18 @@ def _validate_refused(args: argparse.Namespace) -> None:
         _fail(f"{flag}{shown}: refused: {reason.format(why=why)}")
 
 
-def _check_data_path(paths: List[str]) -> None:
+def _check_data_path(paths: List[str], flag: str = "--data-path") -> None:
     if len(paths) == 1:
         return
     if len(paths) % 2 != 0:
-        _fail(f"--data-path: a blend is weight/prefix pairs (0.7 A 0.3 B); got {len(paths)} items")
+        _fail(f"{flag}: a blend is weight/prefix pairs (0.7 A 0.3 B); got {len(paths)} items")
     for weight in paths[0::2]:
         try:
             value = float(weight)
         except ValueError:
-            _fail(f"--data-path: {weight!r} is not a weight (a blend is weight/prefix pairs: 0.7 A 0.3 B)")
+            _fail(f"{flag}: {weight!r} is not a weight (a blend is weight/prefix pairs: 0.7 A 0.3 B)")
         if not value >= 0:
-            _fail(f"--data-path: weight {weight} must be >= 0")
+            _fail(f"{flag}: weight {weight} must be >= 0")
 
 
 def _check_split(split: str) -> None:
@@ -847,6 +832,227 @@ def _check_split(split: str) -> None:
         _fail(f"--split {split!r}: expected proportions like 969,30,1")
     if not 1 <= len(values) <= 3 or any(v < 0 for v in values) or sum(values) <= 0:
         _fail(f"--split {split!r}: expected up to three non-negative proportions like 969,30,1")
+
+
+# --------------------------------------------------------------------------- schedules and data (Megatron's)
+def _add_sched_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("schedules by samples, batch-size ramp-up, WSD, weight-decay increment (Megatron's)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="train this many samples instead of --train-iters (then warmup and decay are in samples)")
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="with --train-samples (default 0)")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="with --train-samples (default --train-samples)")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the learning rate the warmup starts at")
+    g.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine", "minus_sqrt"],
+                   default="exponential", help="the shape of WSD's anneal (default exponential)")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD's anneal, the last iterations of the decay (with --train-iters)")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None,
+                   help="WSD's anneal, the last samples of the decay (with --train-samples)")
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="the learning rate of the word embedding and the output layer (their own schedule's peak)")
+    g.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="their minimum learning rate (default --min-lr); needs --decoupled-lr")
+    g.add_argument("--start-weight-decay", type=float, default=None, help="with --weight-decay-incr-style linear|cosine")
+    g.add_argument("--end-weight-decay", type=float, default=None, help="with --weight-decay-incr-style linear|cosine")
+    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant",
+                   help="weight decay from --start-weight-decay to --end-weight-decay over the training samples")
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None, metavar=("START", "INCR", "SAMPLES"),
+                   help="global batch START, growing by INCR over SAMPLES samples to --global-batch-size (more "
+                        "micro-batches per step; needs --train-samples)")
+
+    g = p.add_argument_group("data paths per split and loading (Megatron's)")
+    g.add_argument("--train-data-path", nargs="*", default=None,
+                   help="the training blend (weights and prefixes like --data-path), read whole; excludes "
+                        "--data-path and --split")
+    g.add_argument("--valid-data-path", nargs="*", default=None, help="the validation blend, read whole")
+    g.add_argument("--test-data-path", nargs="*", default=None, help="the test blend, read whole")
+    g.add_argument("--data-args-path", default=None,
+                   help="a file holding the --data-path values (whitespace-separated), instead of --data-path")
+    g.add_argument("--per-split-data-args-path", default=None,
+                   help='a JSON file {"train": ..., "valid": ..., "test": ...} holding the per-split paths')
+    g.add_argument("--no-mmap-bin-files", action="store_false", dest="mmap_bin_files",
+                   help="read the .bin files with file reads instead of memory-mapping them")
+    g.add_argument("--no-create-attention-mask-in-dataloader", action="store_false",
+                   dest="create_attention_mask_in_dataloader",
+                   help="accepted: this data loader never builds a dense attention mask (the model's attention is "
+                        "causal by construction), with or without the flag")
+
+
+def _explicit(args, name: str) -> bool:
+    explicit = getattr(args, "explicit_flags", None)
+    return name in explicit if explicit is not None else False
+
+
+def _validate_sched(args: argparse.Namespace) -> None:
+    """Megatron's exclusivity of iteration- and sample-based training, its LR/WD schedule checks, the ramp-up."""
+    from megatron_slung.training.schedules import BatchSizeSchedule, schedule_steps
+
+    by_samples = args.train_samples is not None
+    if args.lr_warmup_iters is None:
+        args.lr_warmup_iters = 0
+    if not by_samples:  # Megatron's asserts for iteration-based training
+        for name, bad in (("lr_decay_samples", args.lr_decay_samples is not None),
+                          ("lr_warmup_samples", args.lr_warmup_samples != 0),
+                          ("lr_wsd_decay_samples", args.lr_wsd_decay_samples is not None),
+                          ("rampup_batch_size", args.rampup_batch_size is not None)):
+            if bad:
+                _fail(f"--{name.replace('_', '-')} needs sample-based training (--train-samples); with --train-iters "
+                      "give the schedule in iterations" + (" (Megatron ramps the batch size only by samples)"
+                                                           if name == "rampup_batch_size" else ""))
+        if args.lr_decay_iters is None:
+            args.lr_decay_iters = args.train_iters
+        if args.lr_warmup_fraction is not None and args.lr_warmup_iters != 0:
+            _fail("give --lr-warmup-iters or --lr-warmup-fraction, not both")
+    else:
+        for name, bad in (("lr_decay_iters", args.lr_decay_iters is not None),
+                          ("lr_warmup_iters", args.lr_warmup_iters != 0),
+                          ("lr_wsd_decay_iters", args.lr_wsd_decay_iters is not None)):
+            if bad:
+                _fail(f"--{name.replace('_', '-')} needs iteration-based training (--train-iters); with "
+                      f"--train-samples give it in samples (--{name.replace('_iters', '_samples').replace('_', '-')})")
+        if args.lr_decay_samples is None:
+            args.lr_decay_samples = args.train_samples
+        if args.lr_warmup_fraction is not None and args.lr_warmup_samples != 0:
+            _fail("give --lr-warmup-samples or --lr-warmup-fraction, not both")
+    for name in ("lr_warmup_iters", "lr_warmup_samples", "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters",
+                 "lr_wsd_decay_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            _fail(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.lr_warmup_fraction is not None and not 0.0 <= args.lr_warmup_fraction <= 1.0:
+        _fail(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+
+    # ---- the batch size (before the schedule's lengths, which may need the iterations)
+    try:
+        batches = BatchSizeSchedule(args.global_batch_size, args.rampup_batch_size)
+    except ValueError as e:
+        _fail(str(e))
+    step = args.micro_batch_size * args.data_parallel_size
+    for size in batches.sizes():
+        if size % step != 0:
+            start, incr, _ = args.rampup_batch_size
+            _fail(f"--rampup-batch-size {start} {incr} ...: the global batch {size} of the ramp is not divisible by "
+                  f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size}) = "
+                  f"{step}; make START and INCR multiples of {step}")
+    if args.rampup_batch_size is not None and args.deepspeed_config is not None:
+        from megatron_slung.training.deepspeed_config import read_json_config
+
+        zero = read_json_config(args.deepspeed_config).get("zero_optimization", {})
+        if zero.get("offload_optimizer") or zero.get("offload_param"):
+            _fail(f"--rampup-batch-size with --deepspeed-config {args.deepspeed_config}'s ZeRO offload: DeepSpeed's "
+                  "offload sizes its gradient accumulation at start and cannot change it per step")
+    if by_samples:  # Megatron: the iterations whose batches fit in --train-samples
+        args.train_iters = batches.iterations_for(args.train_samples)
+
+    # ---- learning rate (Megatron's defaults and checks)
+    if args.lr < 0 or args.min_lr < 0:
+        _fail("--lr and --min-lr must be >= 0")
+    if args.min_lr > args.lr:
+        _fail(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
+    if not 0.0 <= args.lr_warmup_init <= args.lr:
+        _fail(f"--lr-warmup-init ({args.lr_warmup_init}) must be in [0, --lr {args.lr}]")
+    unit = "samples" if by_samples else "iters"
+    if args.lr_decay_style == "WSD":
+        if getattr(args, f"lr_wsd_decay_{unit}") is None:
+            _fail(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} (the length of its anneal)")
+    else:
+        for name in ("lr_wsd_decay_iters", "lr_wsd_decay_samples", "lr_wsd_decay_style"):
+            if getattr(args, name) is not None and (name != "lr_wsd_decay_style" or _explicit(args, name)):
+                _fail(f"--{name.replace('_', '-')} has no effect without --lr-decay-style WSD")
+    steps = schedule_steps(args)
+    warmup, decay, wsd = steps["warmup_steps"], steps["decay_steps"], steps["wsd_decay_steps"]
+    if args.lr_decay_style != "constant" and warmup > decay:  # (a fraction is <= 1: never longer)
+        _fail(f"--lr-warmup-{unit} ({getattr(args, f'lr_warmup_{unit}')}) is larger than --lr-decay-{unit} "
+              f"({getattr(args, f'lr_decay_{unit}')})")
+    if wsd is not None and args.lr_decay_style == "WSD" and wsd > decay:
+        _fail(f"--lr-wsd-decay-{unit} ({getattr(args, f'lr_wsd_decay_{unit}')}) is longer than the decay "
+              f"(--lr-decay-{unit} {getattr(args, f'lr_decay_{unit}')})")
+    if args.decoupled_lr is not None:
+        min_lr = args.min_lr if args.decoupled_min_lr is None else args.decoupled_min_lr
+        if args.decoupled_lr < 0 or min_lr < 0 or min_lr > args.decoupled_lr:
+            _fail(f"--decoupled-lr ({args.decoupled_lr}) must be >= its minimum (--decoupled-min-lr or --min-lr, "
+                  f"{min_lr}) >= 0")
+        if args.lr_warmup_init > args.decoupled_lr:
+            _fail(f"--lr-warmup-init ({args.lr_warmup_init}) is larger than --decoupled-lr ({args.decoupled_lr})")
+    elif args.decoupled_min_lr is not None:
+        _fail("--decoupled-min-lr has no effect without --decoupled-lr")
+
+    # ---- weight decay (Megatron: constant takes --weight-decay; linear/cosine need both ends)
+    if args.weight_decay_incr_style == "constant":
+        for name in ("start_weight_decay", "end_weight_decay"):
+            if getattr(args, name) is not None:
+                _fail(f"--{name.replace('_', '-')} needs --weight-decay-incr-style linear or cosine (constant "
+                      "uses --weight-decay)")
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+    else:
+        if args.start_weight_decay is None or args.end_weight_decay is None:
+            _fail(f"--weight-decay-incr-style {args.weight_decay_incr_style} needs --start-weight-decay and "
+                  "--end-weight-decay")
+        if _explicit(args, "weight_decay"):
+            _fail(f"--weight-decay has no effect with --weight-decay-incr-style {args.weight_decay_incr_style} "
+                  "(the decay goes from --start-weight-decay to --end-weight-decay)")
+    if args.weight_decay < 0 or not 0 <= args.start_weight_decay <= args.end_weight_decay:
+        _fail(f"weight decay must be >= 0 and --start-weight-decay ({args.start_weight_decay}) <= "
+              f"--end-weight-decay ({args.end_weight_decay})")
+
+
+def _read_data_args_file(path: str, flag: str) -> str:
+    if not os.path.isfile(path):
+        _fail(f"{flag} {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+SPLIT_PATH_FLAGS = ("train_data_path", "valid_data_path", "test_data_path")
+
+
+def _validate_data_paths(args: argparse.Namespace) -> None:
+    """One source of data: --data-path (or --data-args-path) split by --split; per-split paths (or
+    --per-split-data-args-path), each read whole; or --mock-data. Megatron's exclusions, refused here where
+    Megatron would ignore one of the two."""
+    if args.data_args_path is not None:
+        if args.data_path:
+            _fail("give --data-path or --data-args-path, not both")
+        args.data_path = _read_data_args_file(args.data_args_path, "--data-args-path").split()
+        if not args.data_path:
+            _fail(f"--data-args-path {args.data_args_path}: the file holds no data path")
+    if args.per_split_data_args_path is not None:
+        if any(getattr(args, name) is not None for name in SPLIT_PATH_FLAGS):
+            _fail("give --train/valid/test-data-path or --per-split-data-args-path, not both")
+        text = _read_data_args_file(args.per_split_data_args_path, "--per-split-data-args-path")
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            _fail(f"--per-split-data-args-path {args.per_split_data_args_path}: not JSON ({e})")
+        if not isinstance(data, dict) or set(data) - {"train", "valid", "test"}:
+            _fail(f"--per-split-data-args-path {args.per_split_data_args_path}: expected an object with the keys "
+                  "train, valid, test")
+        for split in ("train", "valid", "test"):
+            value = data.get(split)
+            if value is not None:
+                setattr(args, f"{split}_data_path", value.split() if isinstance(value, str) else [str(v) for v in value])
+    per_split = [name for name in SPLIT_PATH_FLAGS if getattr(args, name) is not None]
+    if args.mock_data and (args.data_path or per_split):
+        _fail("give --data-path or --mock-data, not both" if args.data_path else
+              f"give --{per_split[0].replace('_', '-')} or --mock-data, not both")
+    if args.data_path and per_split:
+        _fail(f"--data-path and --{per_split[0].replace('_', '-')} exclude each other: one blend split by --split, "
+              "or one blend per split")
+    if per_split:
+        if _explicit(args, "split"):
+            _fail(f"--split has no effect with --{per_split[0].replace('_', '-')}: each split's blend is read whole")
+        if args.train_data_path is None and args.train_iters > 0:
+            _fail("the per-split data paths need --train-data-path (there is nothing to train on)")
+        for name in per_split:
+            if not getattr(args, name):
+                _fail(f"--{name.replace('_', '-')} names no dataset")
+            _check_data_path(getattr(args, name), flag=f"--{name.replace('_', '-')}")
+    elif not args.mock_data and not args.data_path:
+        _fail("give --data-path PREFIX (a preprocessed dataset), --train-data-path (and --valid/--test-data-path), or "
+              "--mock-data (synthetic tokens)")
+    if args.data_path:
+        _check_data_path(args.data_path)
+    _check_split(args.split)
 
 
 # Attributes parse_args adds for this process only (not settings of the run): not saved.

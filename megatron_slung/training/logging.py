@@ -107,6 +107,7 @@ class _Window:
     loss_sum: float = 0.0
     loss_iters: int = 0
     num_tokens: int = 0
+    trained_tokens: int = 0  # tokens of the samples trained (the global batches' sizes x sequence length)
     grad_norm_sum: float = 0.0
     grad_norm_iters: int = 0
     level_count: torch.Tensor = field(default_factory=lambda: torch.zeros(NUM_LEVELS, dtype=torch.float64))
@@ -203,8 +204,9 @@ class TrainingLogger:
 
     def log_iteration(self, iteration: int, stats: StepStats, consumed_samples: int,
                       extras: Optional[Dict[str, float]] = None,
-                      timers: Optional[Dict[str, float]] = None) -> Optional[dict]:
-        """Add one iteration; every ``log_interval`` iterations write and return the record.
+                      timers: Optional[Dict[str, float]] = None, tokens: Optional[int] = None) -> Optional[dict]:
+        """Add one iteration; every ``log_interval`` iterations write and return the record. ``tokens``: its
+        global batch's (default ``tokens_per_iteration``: a batch-size ramp-up changes it).
 
         Every ``tensorboard_log_interval`` iterations the iteration's own values go to TensorBoard/W&B (as
         Megatron writes them: not averaged): loss, lr, grad norm, loss tokens, per-level ce and tokens, and
@@ -222,6 +224,7 @@ class TrainingLogger:
             self._scalars(scalars, iteration)
         w = self.window
         w.iterations += 1
+        w.trained_tokens += self.tokens_per_iteration if tokens is None else int(tokens)
         if stats.skipped:
             w.skipped += 1
         if math.isfinite(stats.loss):
@@ -245,7 +248,7 @@ class TrainingLogger:
         w = self.window
         elapsed = max(time.perf_counter() - w.start_time, 1e-9)
         iter_time = elapsed / w.iterations
-        tokens_per_s = self.tokens_per_iteration * w.iterations / elapsed
+        tokens_per_s = w.trained_tokens / elapsed
         tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
         mfu = tflops / self.peak if self.peak else None
         loss = w.loss_sum / w.loss_iters if w.loss_iters else float("nan")
@@ -275,7 +278,9 @@ class TrainingLogger:
             record["params_norm"] = extras["params-norm"]
         if self.throughput_flops_per_iteration is not None:
             # Megatron's --log-throughput: its FLOPs of a global batch / (time per iteration x GPUs)
-            record["throughput_tflops_per_gpu"] = self.throughput_flops_per_iteration / iter_time / self.world_size / 1e12
+            # (scaled by the interval's tokens over the nominal batch's: a batch-size ramp-up changes them)
+            flops = self.throughput_flops_per_iteration * w.trained_tokens / (w.iterations * self.tokens_per_iteration)
+            record["throughput_tflops_per_gpu"] = flops / iter_time / self.world_size / 1e12
         if self.log_timers:
             scalars["iteration-time"] = iter_time
             if "throughput_tflops_per_gpu" in record:

@@ -57,7 +57,7 @@ from megatron_slung.training.data import (
 )
 from megatron_slung.training.exit_conditions import ExitConditions
 from megatron_slung.training.logging import NonFiniteLossError, StepStats, TrainingLogger
-from megatron_slung.training.schedules import LRScheduler
+from megatron_slung.training.schedules import BatchSizeSchedule, LRScheduler
 
 
 # --------------------------------------------------------------------------- model and engine
@@ -80,14 +80,38 @@ def gpt_config_from_args(args, padded_vocab_size: int):
     )
 
 
+def embedding_or_output_parameters(model: torch.nn.Module) -> set:
+    """ids of the word-embedding and output-layer weights (Megatron's ``is_embedding_or_output_parameter``:
+    not the position table), in a GPTModel or a pipeline stage."""
+    from megatron_slung.model.pipeline import OutputLayerPipe
+    from megatron_slung.parallel.layers import VocabParallelEmbedding
+
+    ids = set()
+    for module in model.modules():
+        if isinstance(module, (VocabParallelEmbedding, OutputLayerPipe)):
+            ids.add(id(module.weight))
+    output = getattr(model, "output_layer", None)
+    if isinstance(output, torch.nn.Module):
+        ids.add(id(output.weight))
+    return ids
+
+
 def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with Megatron's groups: weight decay on matrices, none on 1-D parameters (norm weights, biases)."""
-    decay, no_decay = [], []
+    """AdamW with Megatron's groups: weight decay on matrices (``wd_mult`` 1), none on 1-D parameters (norm
+    weights, biases: ``wd_mult`` 0); with ``--decoupled-lr`` the word embedding and output layer form their own
+    group with that peak (``max_lr``) and ``--decoupled-min-lr`` (else ``--min-lr``). The scheduler sets each
+    group's lr and weight decay before every update."""
+    decay, no_decay, decoupled = [], [], []
+    special = embedding_or_output_parameters(model) if args.decoupled_lr is not None else set()
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+            (decoupled if id(p) in special else no_decay if p.dim() < 2 else decay).append(p)
+    decoupled_group = {"params": decoupled, "weight_decay": args.weight_decay, "wd_mult": 1.0}
+    if args.decoupled_lr is not None:
+        decoupled_group["max_lr"] = args.decoupled_lr
+        decoupled_group["min_lr"] = args.min_lr if args.decoupled_min_lr is None else args.decoupled_min_lr
+    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay, "wd_mult": 1.0}, decoupled_group,
+                          {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}) if g["params"]]
     kwargs = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
     if device.type == "cuda":
         kwargs["fused"] = True
@@ -298,7 +322,8 @@ def global_loss_tokens(trainer: Trainer, micro_batches) -> int:
 def loss_scale(n_global: int, trainer: Trainer) -> float:
     from megatron_slung.model.pipeline import loss_scale_for_global_batch
 
-    return loss_scale_for_global_batch(n_global, trainer.args.gradient_accumulation_steps, trainer.dp_size)
+    # The engine's current GAS (it changes during a batch-size ramp-up): DeepSpeed divides each loss by it.
+    return loss_scale_for_global_batch(n_global, trainer.engine.gradient_accumulation_steps(), trainer.dp_size)
 
 
 def _nonfinite(stats: Optional[torch.Tensor]) -> bool:
@@ -364,6 +389,8 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
         stats = _empty_stats(comm)
         trainer.guard.begin(lambda: _decide_update(trainer, _nonfinite(stats)))
         for j, mb in enumerate(micro_batches):
+            # The boundary said explicitly: DeepSpeed's own count (micro steps mod GAS) breaks when GAS changes.
+            engine.set_gradient_accumulation_boundary(j == len(micro_batches) - 1)
             mb = mb.to(trainer.device)
             output = engine(mb.tokens, return_hidden=True) if args.fused_linear_ce else engine(mb.tokens)
             out = _masked_ce(trainer, output, mb.labels, mb.risk)
@@ -378,11 +405,24 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
     trainer.grad_nonfinite = verdict[1] or (dropped_by_deepspeed and not args.fp16)
     skipped = trainer.guard.skipped or dropped_by_deepspeed
     trainer.guard.verdict = None
-    if not skipped:
-        trainer.scheduler.step()
+    if not skipped:  # Megatron's schedule counts samples: this update's global batch
+        trainer.scheduler.step(engine.train_batch_size())
     norm = engine.get_global_grad_norm()
     trainer.grad_norm = None if norm is None else float(norm)
     return stats, skipped, lr
+
+
+def set_global_batch_size(trainer: Trainer, global_batch_size: int) -> bool:
+    """Give the engine ``global_batch_size`` (more or fewer micro-batches per step, the micro-batch kept);
+    True when it changed. DeepSpeed's engines, the pipeline's included, resize their accumulation with
+    ``set_train_batch_size``."""
+    engine = trainer.engine
+    if engine.train_batch_size() == global_batch_size:
+        return False
+    engine.set_train_batch_size(global_batch_size)
+    _print_status(f"global batch size {global_batch_size} ({engine.gradient_accumulation_steps()} micro-batches "
+                  "per data-parallel rank; --rampup-batch-size)")
+    return True
 
 
 def _stats_to_step(stats: torch.Tensor, lr: float, grad_norm, skipped: bool) -> StepStats:
@@ -439,6 +479,7 @@ def _train_state(trainer: Trainer, iteration: int, consumed_train: int, consumed
     args = trainer.args
     return {"iteration": iteration, "consumed_train_samples": consumed_train,
             "consumed_valid_samples": consumed_valid, "scheduler": trainer.scheduler.state_dict(),
+            "global_batch_size": trainer.engine.train_batch_size(),  # this iteration's (a ramp-up changes it)
             "world_size": dist.get_world_size(), "padded_vocab_size": args.padded_vocab_size,
             "model_architecture": checkpointing.model_architecture(trainer.config, trainer.tokenizer.vocab_size,
                                                                    args.make_vocab_size_divisible_by),
@@ -512,7 +553,7 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                 _print_status("--no-load-optim: the optimizer state and the LR schedule start afresh; iteration "
                               f"{iteration} and the data position continue")
             else:
-                trainer.scheduler.load_state_dict(state["scheduler"])
+                trainer.scheduler.load_state_dict(state["scheduler"], state["args"].get("global_batch_size"))
             old_gbs = state["args"].get("global_batch_size")
             if old_gbs is not None and old_gbs != args.global_batch_size:
                 _print_status(f"note: the checkpoint used global batch {old_gbs}, now {args.global_batch_size}")
@@ -575,19 +616,24 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
 
     stopped_early = False
     timers = monitor.timers
+    batches = BatchSizeSchedule(args.global_batch_size, args.rampup_batch_size)
     monitor.start()
     try:
         while iteration < args.train_iters:
+            # Global batch k is the next G_k samples (G_k from the consumed samples: a resumed ramp continues).
+            if set_global_batch_size(trainer, batches.at(consumed_train)) and iteration > 0 and args.save \
+                    and last_saved != iteration:
+                save()  # Megatron saves when the number of micro-batches changes
             monitor.before_iteration(iteration)
+            num_micro = engine.gradient_accumulation_steps()
             micro = None
             with timers.time("batch-generator"):
                 if loads:
-                    micro = [to_micro_batch(s) for s in
-                             next_micro_batches(train_loader, args.gradient_accumulation_steps, "training")]
+                    micro = [to_micro_batch(s) for s in next_micro_batches(train_loader, num_micro, "training")]
             with timers.time("forward-backward", excluding="optimizer"):
                 stats, skipped, lr = train_step(trainer, micro)
             iteration += 1
-            consumed_train += args.global_batch_size
+            consumed_train += engine.train_batch_size()
             step_stats = _stats_to_step(stats, lr, trainer.grad_norm, skipped) if stats is not None else None
             # Loss (known where the stats are) and gradient norm: NaN/inf on any rank stops or skips on every rank.
             bad = torch.tensor([float(step_stats is not None and not math.isfinite(step_stats.loss)),
@@ -608,7 +654,8 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                 logger.print(f"iteration {iteration}: {what} is NaN/inf, update skipped (--skip-nan-steps)")
             extras, timer_values = monitor.after_iteration(iteration, trainer.is_logging_rank)
             if trainer.is_logging_rank and step_stats is not None:
-                logger.log_iteration(iteration, step_stats, consumed_train, extras, timer_values)
+                logger.log_iteration(iteration, step_stats, consumed_train, extras, timer_values,
+                                     tokens=engine.train_batch_size() * args.seq_length)
             if args.eval_interval and args.eval_iters > 0 and iteration % args.eval_interval == 0 and valid_ds is not None:
                 run_eval(valid_loader, "valid")
                 evaluated_at = iteration
