@@ -19,13 +19,6 @@ LISTS = sorted(glob.glob(os.path.join(ROOT, "tests", "megatron_example_flags", "
 PENDING = {
     "--attention-backend": "docattn",
     "--step-batch-size-schedule": "sched",
-    "--train-samples": "sched",
-    "--lr-decay-samples": "sched",
-    "--lr-warmup-samples": "sched",
-    "--decoupled-lr": "sched",
-    "--decoupled-min-lr": "sched",
-    "--no-mmap-bin-files": "sched",
-    "--no-create-attention-mask-in-dataloader": "sched",
     "--use-mcore-models": "flags",
     "--cross-entropy-loss-fusion": "flags",
     "--calculate-per-token-loss": "flags",
