@@ -1,0 +1,182 @@
+"""Document-level attention (--reset-attention-mask), reset positions (--reset-position-ids), the loss mask of
+--eod-mask-loss, and --attention-backend: fast paths against the plain references."""
+
+import pytest
+import torch
+
+from megatron_slung.model import attention as A
+from megatron_slung.model.gpt import GPTConfig, GPTModel
+
+EOD = 7
+
+
+def _tokens(b=3, s=40, seed=0, eod_prob=0.12):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 7, (b, s), generator=g)  # ids 0..6: no accidental EOD
+    tokens[torch.rand(b, s, generator=g) < eod_prob] = EOD
+    tokens[0, 5] = tokens[0, 6] = EOD  # back-to-back EODs: a one-token document
+    tokens[-1] = torch.randint(0, 7, (s,), generator=g)  # a sample with no EOD at all
+    return tokens
+
+
+def _ltor_reference(tokens_row, eod):
+    """Megatron's semantics written out with loops: after an EOD at i, rows i+1.. lose columns ..i and
+    positions restart at 0; the EOD itself stays with the document it ends."""
+    s = len(tokens_row)
+    mask = torch.ones(s, s, dtype=torch.bool).tril()
+    pos = list(range(s))
+    start = 0
+    for i in range(s):
+        pos[i] = i - start
+        if int(tokens_row[i]) == eod:
+            mask[i + 1:, :i + 1] = False
+            start = i + 1
+    return mask, torch.tensor(pos)
+
+
+def test_document_ids_positions_and_mask_follow_megatron():
+    tokens = _tokens()
+    doc = A.document_ids(tokens, EOD)
+    pos = A.document_position_ids(tokens, EOD)
+    dense = A.document_causal_mask(doc)
+    for b in range(tokens.shape[0]):
+        mask, positions = _ltor_reference(tokens[b], EOD)
+        assert torch.equal(dense[b, 0], mask)
+        assert torch.equal(pos[b], positions)
+    assert torch.equal(pos[-1], torch.arange(tokens.shape[1]))  # no EOD: nothing resets
+    assert A.document_inputs(tokens, EOD, False, False) == (None, None)
+
+
+def _qkv(b, h, g, s, d, seed=1, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, s, d, generator=gen, dtype=dtype).requires_grad_() for n in (h, g, g)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "flash", "unfused", "local"])
+@pytest.mark.parametrize("groups", [4, 2])
+def test_fast_path_matches_dense_reference_values_and_grads(backend, groups):
+    tokens = _tokens()
+    doc = A.document_ids(tokens, EOD)
+    dtype = torch.float32 if backend == "flash" else torch.float64  # torch's CPU flash: no float64 backward
+    q, k, v = _qkv(3, 4, groups, tokens.shape[1], 8, dtype=dtype)
+    grad = torch.randn(3, 4, tokens.shape[1], 8, generator=torch.Generator().manual_seed(5), dtype=dtype)
+
+    def run(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn()
+        out.backward(grad)
+        return out.detach(), [t.grad.clone() for t in (q, k, v)]
+
+    out, grads = run(lambda: A.core_attention(q, k, v, backend=backend, doc_ids=doc))
+    ref, ref_grads = run(lambda: A.reference_attention(q, k, v, doc))
+    dense, dense_grads = run(lambda: A.core_attention(q, k, v, doc_ids=doc, dense_documents=True))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    for a, b in [(out, ref), (dense, ref)] + list(zip(grads, ref_grads)) + list(zip(dense_grads, ref_grads)):
+        torch.testing.assert_close(a, b, **tol)
+    # and it is not plain causal attention (the documents matter)
+    causal = A.reference_attention(q, k, v).detach()
+    assert (causal - ref).abs().max() > 1e-3
+
+
+def test_many_short_documents_use_the_dense_mask_and_agree(monkeypatch):
+    tokens = _tokens(eod_prob=0.5)
+    doc = A.document_ids(tokens, EOD)
+    q, k, v = _qkv(3, 2, 2, tokens.shape[1], 4)
+    ref = A.reference_attention(q, k, v, doc)
+    monkeypatch.setattr(A, "MAX_SEGMENTS", 3)  # samples 0 and 1 now go through their dense masks
+    torch.testing.assert_close(A.core_attention(q, k, v, doc_ids=doc), ref)
+
+
+def _config(**kw):
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=16,
+                ffn_hidden_size=48, max_position_embeddings=64, params_dtype=torch.float64)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned_absolute"])
+def test_no_attention_across_documents_in_the_model(positions):
+    """Perturbing tokens of document A leaves every output of document B unchanged (and changes A's)."""
+    torch.manual_seed(0)
+    model = GPTModel(_config(position_embedding_type=positions))
+    s = 24
+    tokens = torch.randint(0, 7, (2, s))
+    tokens[:, 9] = EOD  # document A = 0..9 (its EOD included), B = 10..
+    pos, doc = A.document_inputs(tokens, EOD, True, True)
+    out = model(tokens, pos, document_ids=doc)
+    changed = tokens.clone()
+    changed[:, 2] = (changed[:, 2] + 1) % 7
+    out2 = model(changed, pos, document_ids=doc)
+    assert torch.equal(out[:, 10:], out2[:, 10:])
+    assert (out[:, 2:10] - out2[:, 2:10]).abs().max() > 1e-6
+    # document B alone, as a sample of its own at positions 0.., gives the same outputs
+    alone = model(tokens[:, 10:])
+    torch.testing.assert_close(out[:, 10:], alone, atol=1e-10, rtol=1e-10)
+    # without the flags B does see A (so the test above means something)
+    plain = model(tokens)
+    assert (plain[:, 10:] - out[:, 10:]).abs().max() > 1e-6
+
+
+def test_reset_positions_without_document_mask():
+    """--reset-position-ids alone: positions restart, attention still crosses documents (Megatron's flags
+    are independent)."""
+    torch.manual_seed(0)
+    model = GPTModel(_config(position_embedding_type="learned_absolute"))
+    tokens = torch.randint(0, 7, (1, 16))
+    tokens[0, 5] = EOD
+    pos, doc = A.document_inputs(tokens, EOD, True, False)
+    assert doc is None and pos[0].tolist() == list(range(6)) + list(range(10))
+    torch.testing.assert_close(model(tokens, pos), model(tokens, pos, document_ids=torch.zeros_like(tokens)))
+    assert (model(tokens, pos) - model(tokens)).abs()[:, 6:].max() > 1e-6
+
+
+@pytest.mark.parametrize("backend", ["flash", "unfused", "local"])
+def test_backends_agree_with_auto_in_the_model(backend):
+    torch.manual_seed(0)
+    cfg = _config(params_dtype=torch.float32)
+    model = GPTModel(cfg)
+    tokens = _tokens(b=2, s=20)
+    doc = A.document_ids(tokens, EOD)
+    ref = model(tokens, document_ids=doc)
+    ref.sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for layer in model.decoder.layers:
+        layer.self_attention.config = _config(params_dtype=torch.float32, attention_backend=backend)
+    out = model(tokens, document_ids=doc)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, atol=2e-4, rtol=2e-4)
+
+
+def test_recompute_and_compile_with_documents():
+    torch.manual_seed(0)
+    tokens = _tokens(b=2, s=20)
+    pos, doc = A.document_inputs(tokens, EOD, True, True)
+    results = []
+    for recompute, compiled in [(False, False), (True, False), (True, True)]:
+        model = GPTModel(_config(recompute_activations=recompute))
+        if compiled:
+            from megatron_slung.model.gpt import compile_transformer_layers
+
+            compile_transformer_layers(model)
+        out = model(tokens, pos, document_ids=doc)
+        out.sum().backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()]))
+    for (out, grads), tol in zip(results[1:], [1e-12, 1e-5]):  # compiled: the norms' float32 fuses differently
+        torch.testing.assert_close(out, results[0][0], atol=tol, rtol=tol)
+        for g, g0 in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, g0, atol=tol, rtol=tol)
+
+
+def test_backend_that_cannot_run_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"--attention-backend fused: .*cpu"):
+        A.check_attention_backend("fused", "cpu", torch.float32, 16)
+    with pytest.raises(ValueError, match=r"--attention-backend flash: .*dropout"):
+        A.check_attention_backend("flash", "cpu", torch.float32, 16, dropout=0.1)
+    A.check_attention_backend("flash", "cpu", torch.float32, 16, documents=True)
+    A.check_attention_backend("unfused", "cpu", torch.bfloat16, 16, dropout=0.1, gqa=True)
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        _config(attention_backend="sdpa")
