@@ -180,3 +180,81 @@ def test_backend_that_cannot_run_is_refused_with_the_reason():
     A.check_attention_backend("unfused", "cpu", torch.bfloat16, 16, dropout=0.1, gqa=True)
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         _config(attention_backend="sdpa")
+
+
+# --------------------------------------------------------------------------- pipeline (real gloo processes)
+DOC_PP_CONFIGS = {
+    "rope_recompute": (dict(recompute_activations=True), None),
+    "gpt3_learned_positions": (dict(position_embedding_type="learned_absolute", normalization="LayerNorm",
+                                    swiglu=False, add_bias_linear=True), None),
+}
+DOC_TP_PP_CONFIGS = {"rope_sp": (dict(sequence_parallel=True), None)}
+
+
+def _document_micro_batches():
+    from tests import test_pipeline as P
+
+    out = []
+    for i, (tokens, labels) in enumerate(P._micro_batches()):
+        tokens = tokens % EOD  # no accidental EOD
+        tokens[:, 2 + i] = EOD
+        tokens[0, 5] = EOD
+        pos, doc = A.document_inputs(tokens, EOD, True, True)
+        out.append(((tokens, pos, doc), labels))
+    return out
+
+
+def _check_pipeline_with_documents(results, configs, tp):
+    from megatron_slung.model.gpt import tensor_parallel_layout
+    from megatron_slung.model.pipeline import PipelineLoss
+    from megatron_slung.parallel.layers import merge_tensor_parallel_shards
+    from tests import test_pipeline as P
+
+    batches = _document_micro_batches()
+    n_tokens = P._num_loss_tokens([(t[0], lab) for t, lab in batches])
+    for name, (overrides, _) in configs.items():
+        cfg = P._config(**overrides)
+        model = GPTModel(cfg)
+        loss_fn = PipelineLoss(P.POLICY)
+        loss_fn.set_scale(1.0 / n_tokens)
+        total = sum(loss_fn(model(tokens, pos, document_ids=doc), labels) for (tokens, pos, doc), labels in batches)
+        with torch.no_grad():
+            plain = sum(loss_fn(model(tokens), labels) for (tokens, _, _), labels in batches)
+        assert abs(float(plain) - total.item()) > 1e-4  # the documents change the loss
+        total.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), P.CLIP))
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= p.grad
+        expected, layout = model.state_dict(), tensor_parallel_layout(cfg)
+        for stage in (0, 1):
+            ranks = sorted((r[name] for r in results if r[name]["stage"] == stage), key=lambda r: r["tp_rank"])
+            for r in ranks:
+                assert r["loss"] == pytest.approx(float(total), rel=1e-5), name
+                assert r["norm"] == pytest.approx(norm, rel=1e-6), name
+            for key in ranks[0]["params"]:
+                dim, parts = layout[key]
+                shards = [r["params"][key] for r in ranks]
+                got = shards[0] if dim is None else merge_tensor_parallel_shards(shards, dim, parts)
+                torch.testing.assert_close(got, expected[key], rtol=1e-5, atol=1e-5, msg=f"{name}: {key}")
+
+
+@pytest.mark.distributed
+def test_two_stage_pipeline_with_documents_matches_the_plain_model():
+    from tests import test_pipeline as P
+    from tests.distributed import run_distributed
+
+    configs = {k: (o, P.NO_PARTITION) for k, (o, _) in DOC_PP_CONFIGS.items()}
+    results = run_distributed(P._pipeline_body, 2, args=(1, configs, _document_micro_batches()))
+    _check_pipeline_with_documents(results, configs, tp=1)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tp2_by_pp2_sequence_parallel_pipeline_with_documents_matches_the_plain_model():
+    from tests import test_pipeline as P
+    from tests.distributed import run_distributed
+
+    configs = {k: (o, P.NO_PARTITION) for k, (o, _) in DOC_TP_PP_CONFIGS.items()}
+    results = run_distributed(P._pipeline_body, 4, args=(2, configs, _document_micro_batches()))
+    _check_pipeline_with_documents(results, configs, tp=2)
