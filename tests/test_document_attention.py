@@ -258,3 +258,60 @@ def test_tp2_by_pp2_sequence_parallel_pipeline_with_documents_matches_the_plain_
     configs = {k: (o, P.NO_PARTITION) for k, (o, _) in DOC_TP_PP_CONFIGS.items()}
     results = run_distributed(P._pipeline_body, 4, args=(2, configs, _document_micro_batches()))
     _check_pipeline_with_documents(results, configs, tp=2)
+
+
+# --------------------------------------------------------------------------- the trainer (real processes)
+DOC_FLAGS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+
+
+def _write_documents(prefix, eod=255, docs=120):
+    """Short documents (5..20 tokens) each ending with the EOD, so a 32-token sample packs several."""
+    import numpy as np
+
+    from megatron_slung.data.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    with IndexedDatasetBuilder(str(prefix), vocab_size=256, with_risk=True) as builder:
+        for _ in range(docs):
+            n = int(rng.integers(5, 21))
+            start, stride = int(rng.integers(0, 200)), int(rng.integers(1, 4))
+            tokens = (start + stride * np.arange(n)) % 200  # learnable, never the EOD
+            tokens[-1] = eod
+            builder.add_document(tokens, rng.integers(0, 4, n))
+    return str(prefix)
+
+
+def _train(tmp_path, world_size, *extra):
+    from tests.distributed import run_distributed
+    from tests.pretrain_helpers import TINY, pretrain_body, train_records
+
+    prefix = tmp_path / "docs"
+    if not (tmp_path / "docs.idx").exists():
+        _write_documents(prefix)
+    args = [a for a in TINY if a != "--mock-data"] + ["--train-iters", "4", "--split", "1", "--data-path", str(prefix),
+                                                      "--data-cache-path", str(tmp_path / "cache")]
+    return train_records(run_distributed(pretrain_body, world_size, args=(args + list(extra),))[-1])
+
+
+def _same(got, expected, tol=1e-4):
+    assert len(got) == len(expected) == 4
+    for g, e in zip(got, expected):
+        assert abs(g["loss"] - e["loss"]) <= tol and g["loss_tokens"] == e["loss_tokens"], (g, e)
+        assert g["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.distributed
+def test_trainer_with_document_flags_tp2_sequence_parallel_matches_one_process(tmp_path):
+    _same(_train(tmp_path, 2, *DOC_FLAGS, "--tensor-model-parallel-size", "2", "--sequence-parallel"),
+          _train(tmp_path, 1, *DOC_FLAGS))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_trainer_with_document_flags_pp2_and_recompute_matches_one_process(tmp_path):
+    single = _train(tmp_path, 1, *DOC_FLAGS)
+    plain = _train(tmp_path, 1)
+    # the flags act: other loss (attention, positions) and fewer loss tokens (the EOD positions)
+    assert abs(single[0]["loss"] - plain[0]["loss"]) > 1e-3
+    assert single[0]["loss_tokens"] < plain[0]["loss_tokens"]
+    _same(_train(tmp_path, 2, *DOC_FLAGS, "--pipeline-model-parallel-size", "2", "--recompute-activations"), single)
