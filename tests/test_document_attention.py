@@ -315,3 +315,29 @@ def test_trainer_with_document_flags_pp2_and_recompute_matches_one_process(tmp_p
     assert abs(single[0]["loss"] - plain[0]["loss"]) > 1e-3
     assert single[0]["loss_tokens"] < plain[0]["loss_tokens"]
     _same(_train(tmp_path, 2, *DOC_FLAGS, "--pipeline-model-parallel-size", "2", "--recompute-activations"), single)
+
+
+# --------------------------------------------------------------------------- flags
+def test_flags_have_megatrons_names_and_defaults_and_use_flash_attn_is_the_flash_backend():
+    from megatron_slung.training.arguments import ArgumentError, parse_args
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "64"]
+    a = parse_args(base, world_size=1)
+    assert (a.attention_backend, a.reset_position_ids, a.reset_attention_mask, a.eod_mask_loss) == ("auto", False,
+                                                                                                   False, False)
+    assert parse_args(base + ["--use-flash-attn"], world_size=1).attention_backend == "flash"
+    assert parse_args(base + ["--use-flash-attn", "--attention-backend", "flash"], world_size=1).attention_backend == "flash"
+    with pytest.raises(ArgumentError, match="--use-flash-attn contradicts --attention-backend local"):
+        parse_args(base + ["--use-flash-attn", "--attention-backend", "local"], world_size=1)
+    with pytest.raises(ArgumentError, match="invalid choice"):
+        parse_args(base + ["--attention-backend", "sdpa"], world_size=1)
+
+
+def test_trainer_refuses_a_backend_the_cpu_cannot_run_in_one_line():
+    from tests.pretrain_helpers import TINY, run_cli
+
+    proc = run_cli(TINY + ["--train-iters", "2", "--attention-backend", "fused"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--attention-backend fused: torch has no such kernel for cpu float32" in proc.stderr
+    assert "Traceback" not in proc.stderr
