@@ -230,7 +230,7 @@ def _check_pipeline_with_documents(results, configs, tp):
         for stage in (0, 1):
             ranks = sorted((r[name] for r in results if r[name]["stage"] == stage), key=lambda r: r["tp_rank"])
             for r in ranks:
-                assert r["loss"] == pytest.approx(float(total), rel=1e-5), name
+                assert r["loss"] == pytest.approx(total.item(), rel=1e-5), name
                 assert r["norm"] == pytest.approx(norm, rel=1e-6), name
             for key in ranks[0]["params"]:
                 dim, parts = layout[key]

@@ -138,7 +138,10 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_i
 
 @torch.compiler.disable  # the number of documents is data-dependent: run eagerly under torch.compile
 def _segments_attention(q, k, v, doc_ids, dropout_p: float, gqa: bool, allow_dense: bool):
-    """Fast path: one causal SDPA per document of each sample (see the module docstring)."""
+    """Fast path: one causal SDPA per document of each sample (see the module docstring).
+
+    The pieces come from ``unbind`` and ``split`` (whose backward is one stack/cat), not from slicing
+    (whose backward writes a zero-filled full-size gradient per slice)."""
     b, s = doc_ids.shape
     change = doc_ids[:, 1:] != doc_ids[:, :-1]  # [B, S-1]: a new document starts at j + 1
     cuts = [[0] for _ in range(b)]
@@ -147,16 +150,17 @@ def _segments_attention(q, k, v, doc_ids, dropout_p: float, gqa: bool, allow_den
     if all(len(c) == 1 for c in cuts):  # no boundary anywhere: one call for the whole batch
         return _sdpa(q, k, v, dropout_p=dropout_p, gqa=gqa)
     out = []
-    for row, c in enumerate(cuts):
-        qb, kb, vb = q[row:row + 1], k[row:row + 1], v[row:row + 1]
+    # [1, heads, S, d] each: torch's CPU flash kernel wants 4-D inputs (3-D ones run the math kernel)
+    for row, (qb, kb, vb) in enumerate(zip(*(t.unbind(0) for t in (q[:, None], k[:, None], v[:, None])))):
+        c = cuts[row]
         if len(c) == 1:
             out.append(_sdpa(qb, kb, vb, dropout_p=dropout_p, gqa=gqa))
         elif len(c) > MAX_SEGMENTS and allow_dense:
             out.append(_sdpa(qb, kb, vb, mask=document_causal_mask(doc_ids[row:row + 1]), dropout_p=dropout_p, gqa=gqa))
         else:
-            c = c + [s]
-            out.append(torch.cat([_sdpa(qb[:, :, lo:hi], kb[:, :, lo:hi], vb[:, :, lo:hi], dropout_p=dropout_p, gqa=gqa)
-                                  for lo, hi in zip(c[:-1], c[1:])], dim=2))
+            lengths = [hi - lo for lo, hi in zip(c, c[1:] + [s])]
+            pieces = zip(qb.split(lengths, dim=2), kb.split(lengths, dim=2), vb.split(lengths, dim=2))
+            out.append(torch.cat([_sdpa(qd, kd, vd, dropout_p=dropout_p, gqa=gqa) for qd, kd, vd in pieces], dim=2))
     return torch.cat(out, dim=0)
 
 
