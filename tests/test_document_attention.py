@@ -301,8 +301,10 @@ def _same(got, expected, tol=1e-4):
 
 
 @pytest.mark.distributed
-def test_trainer_with_document_flags_tp2_sequence_parallel_matches_one_process(tmp_path):
-    _same(_train(tmp_path, 2, *DOC_FLAGS, "--tensor-model-parallel-size", "2", "--sequence-parallel"),
+def test_trainer_with_document_flags_tp2_sequence_parallel_fused_linear_ce_matches_one_process(tmp_path):
+    # with the fused linear + loss too (the head's input is the hidden, documents applied before it)
+    _same(_train(tmp_path, 2, *DOC_FLAGS, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                 "--fused-linear-ce"),
           _train(tmp_path, 1, *DOC_FLAGS))
 
 

@@ -15,7 +15,8 @@ rename plus splitting of fused matrices; ``megatron_slung.model.hf_llama`` does 
   ``q' = q cos + rotate_half(q) sin`` with ``rotate_half([a, b]) = [-b, a]``, cos/sin made in float32
   then cast; the other channels pass through;
 * attention: causal ``scaled_dot_product_attention`` with scale ``1/sqrt(head_dim)``; query head h
-  reads key/value group ``h // (heads / groups)``;
+  reads key/value group ``h // (heads / groups)``; optionally within documents and on a chosen kernel
+  (``megatron_slung.model.attention``: ``document_ids``, ``attention_backend``);
 * MLP: ``down(silu(gate(x)) * up(x))`` or ``fc2(gelu(fc1(x)))``; pre-norm residual blocks; final norm.
 
 Layout inside the model is [sequence, batch, hidden] (Megatron's), so that sequence parallelism
