@@ -14,8 +14,8 @@ Two ways to compute the same thing:
   its rows, so the work is sum(L_doc^2) instead of S^2 and no S x S mask exists. The boundaries are read
   once per call (one host sync); with torch.compile the function runs eagerly (a graph break) because
   the number of documents is data-dependent. A sample with very many short documents (more than
-  ``MAX_SEGMENTS`` documents) is done with its dense mask instead: there the per-call overhead would
-  dominate (see benchmarks/attention.md).
+  ``MAX_SEGMENTS`` documents) is done with its dense mask instead, with the ``auto`` backend: there the
+  per-call overhead would dominate (see benchmarks/attention.md).
 
 torch's ``flex_attention`` would be the natural block-mask kernel, but in torch 2.13 it has no backward
 on the CPU ("FlexAttention does not support backward on CPU"), so it is not used.
@@ -182,8 +182,9 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend
             return _sdpa(q, k, v, dropout_p=dropout_p, gqa=gqa)
         if dense_documents or backend == "unfused":
             return _sdpa(q, k, v, mask=document_causal_mask(doc_ids), dropout_p=dropout_p, gqa=gqa)
-        # flash takes no mask: never fall back to the dense one there
-        return _segments_attention(q, k, v, doc_ids, dropout_p, gqa, allow_dense=backend != "flash")
+        # only auto may fall back to the dense mask (flash takes no mask; the fused kernels' mask support
+        # varies, and check_attention_backend tries the per-document path only)
+        return _segments_attention(q, k, v, doc_ids, dropout_p, gqa, allow_dense=backend == "auto")
 
 
 # --------------------------------------------------------------------------- backend checks
