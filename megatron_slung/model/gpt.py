@@ -68,6 +68,7 @@ is identical for every TP/PP layout and build order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import asdict, dataclass, fields
@@ -487,14 +488,9 @@ class SelfAttention(nn.Module):
         # SDPA wants [B, heads, S, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         p = self.config.attention_dropout if self.training else 0.0
-        attend = lambda: core_attention(q, k, v, backend=self.config.attention_backend, doc_ids=doc_ids,  # noqa: E731
-                                        dropout_p=p)
-        if p > 0.0:
-            # heads are split across TP ranks: each rank needs its own dropout mask
-            with get_rng_tracker().fork():
-                ctx = attend()
-        else:
-            ctx = attend()
+        # heads are split across TP ranks: with dropout each rank needs its own mask
+        with get_rng_tracker().fork() if p > 0.0 else contextlib.nullcontext():
+            ctx = core_attention(q, k, v, backend=self.config.attention_backend, doc_ids=doc_ids, dropout_p=p)
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * d)
         return self.linear_proj(ctx)
 
