@@ -179,7 +179,7 @@ class GPTDataset(torch.utils.data.Dataset):
 
     ``ds[i]`` is a dict of tensors: ``tokens`` int64 [seq_length], ``labels`` int64 [seq_length] (the next
     tokens), ``risk`` uint8 [seq_length] (the level of each label token), ``loss_mask`` float32 [seq_length]
-    (0 on EOD labels when ``eod_mask_loss``, else 1).
+    (0 where the input token is the EOD when ``eod_mask_loss``, as in Megatron, else 1).
     """
 
     def __init__(self, indexed: IndexedDataset, documents: np.ndarray, seq_length: int, seed: int,
@@ -261,8 +261,8 @@ def make_sample(tokens: np.ndarray, risk: np.ndarray, eod_token: int | None, eod
     tokens = torch.from_numpy(tokens.astype(np.int64))
     labels = tokens[1:].clone()
     loss_mask = torch.ones(len(labels), dtype=torch.float32)
-    if eod_mask_loss:
-        loss_mask[labels == eod_token] = 0.0
+    if eod_mask_loss:  # Megatron's: where the input token is the EOD (predicting the next document's start)
+        loss_mask[tokens[:-1] == eod_token] = 0.0
     return {
         "tokens": tokens[:-1].contiguous(),
         "labels": labels,

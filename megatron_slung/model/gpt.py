@@ -15,7 +15,8 @@ rename plus splitting of fused matrices; ``megatron_slung.model.hf_llama`` does 
   ``q' = q cos + rotate_half(q) sin`` with ``rotate_half([a, b]) = [-b, a]``, cos/sin made in float32
   then cast; the other channels pass through;
 * attention: causal ``scaled_dot_product_attention`` with scale ``1/sqrt(head_dim)``; query head h
-  reads key/value group ``h // (heads / groups)``;
+  reads key/value group ``h // (heads / groups)``; optionally within documents and on a chosen kernel
+  (``megatron_slung.model.attention``: ``document_ids``, ``attention_backend``);
 * MLP: ``down(silu(gate(x)) * up(x))`` or ``fc2(gelu(fc1(x)))``; pre-norm residual blocks; final norm.
 
 Layout inside the model is [sequence, batch, hidden] (Megatron's), so that sequence parallelism
@@ -67,6 +68,7 @@ is identical for every TP/PP layout and build order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import asdict, dataclass, fields
@@ -76,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_slung.model.attention import ATTENTION_BACKENDS, core_attention
 from megatron_slung.parallel import state
 from megatron_slung.parallel.layers import (
     ColumnParallelLinear,
@@ -134,6 +137,7 @@ class GPTConfig:
     openai_gelu: bool = False  # GeLU's tanh approximation instead of the exact erf (not with swiglu)
     add_bias_linear: bool = False  # biases in linear_qkv, linear_proj, linear_fc1, linear_fc2
     add_qkv_bias: bool = False  # a bias in linear_qkv only (Qwen2)
+    attention_backend: str = "auto"  # Megatron's --attention-backend (megatron_slung.model.attention)
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -174,6 +178,9 @@ class GPTConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"GPTConfig: {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"GPTConfig: attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
 
     @property
     def rotary_dim(self) -> int:
@@ -258,7 +265,8 @@ class GPTConfig:
 # shapes of its weights): checkpoints record it, and loading one adopts or refuses it
 # (megatron_slung.training.checkpointing). A new field is therefore checked unless it is listed here.
 RUN_SETTINGS = frozenset({"init_method_std", "init_seed", "hidden_dropout", "attention_dropout",
-                          "sequence_parallel", "recompute_activations", "params_dtype"})
+                          "sequence_parallel", "recompute_activations", "params_dtype",
+                          "attention_backend"})
 
 
 def architecture_fields() -> List[str]:
@@ -421,12 +429,9 @@ def rope_for(seq_length: int, batch: int, config: GPTConfig, device, position_id
     return cos[:, :, None, :], sin[:, :, None, :]
 
 
-def _check_position_ids(position_ids: torch.Tensor, batch: int, seq_length: int) -> None:
+def _check_position_ids(position_ids: torch.Tensor, batch: int, seq_length: int, name: str = "position_ids") -> None:
     if position_ids.shape != (batch, seq_length):
-        raise ValueError(f"position_ids must be [batch, seq] = [{batch}, {seq_length}], got {tuple(position_ids.shape)}")
-
-
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+        raise ValueError(f"{name} must be [batch, seq] = [{batch}, {seq_length}], got {tuple(position_ids.shape)}")
 
 
 class SelfAttention(nn.Module):
@@ -434,7 +439,9 @@ class SelfAttention(nn.Module):
 
     Optional: a bias on the fused QKV (``add_bias_linear`` or ``add_qkv_bias``) and on the output
     projection (``add_bias_linear``); per-head norms of the queries and keys (``qk_layernorm``, Megatron's
-    ``q_layernorm``/``k_layernorm``, applied before RoPE)."""
+    ``q_layernorm``/``k_layernorm``, applied before RoPE). ``doc_ids`` [B, S] (full sequence, also under
+    sequence parallelism): attention stays within documents (``megatron_slung.model.attention``), on the
+    config's ``attention_backend``."""
 
     def __init__(self, config: GPTConfig, layer_number: int):
         super().__init__()
@@ -465,7 +472,8 @@ class SelfAttention(nn.Module):
             self.q_layernorm = build_norm(c, d, grad_summed_over_tp=tp > 1)
             self.k_layernorm = build_norm(c, d, grad_summed_over_tp=tp > 1)
 
-    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         d = self.config.head_dim
         qkv = self.linear_qkv(x)  # [S, B, (nh + 2 ng) d / tp]
         s, b = qkv.shape[:2]
@@ -479,20 +487,10 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # SDPA wants [B, heads, S, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        n_rep = self.heads_per_rank // self.groups_per_rank
-        kwargs = {}
-        if n_rep > 1:
-            if _SDPA_HAS_GQA:
-                kwargs["enable_gqa"] = True
-            else:  # older torch: materialise the shared key/value heads
-                k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         p = self.config.attention_dropout if self.training else 0.0
-        if p > 0.0:
-            # heads are split across TP ranks: each rank needs its own dropout mask
-            with get_rng_tracker().fork():
-                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, **kwargs)
-        else:
-            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+        # heads are split across TP ranks: with dropout each rank needs its own mask
+        with get_rng_tracker().fork() if p > 0.0 else contextlib.nullcontext():
+            ctx = core_attention(q, k, v, backend=self.config.attention_backend, doc_ids=doc_ids, dropout_p=p)
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * d)
         return self.linear_proj(ctx)
 
@@ -544,9 +542,9 @@ def _hidden_dropout(x: torch.Tensor, p: float, training: bool, sequence_parallel
 class TransformerLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-    ``forward(hidden, cos=None, sin=None)``: hidden [S, B, H] ([S/tp, B, H] with sequence
+    ``forward(hidden, cos=None, sin=None, doc_ids=None)``: hidden [S, B, H] ([S/tp, B, H] with sequence
     parallelism); cos/sin from ``rope_for`` (computed here for positions 0..S-1 when omitted; unused
-    without RoPE). With ``recompute_activations`` only the layer's input is kept; the rest is recomputed
+    without RoPE); ``doc_ids`` [B, S]: attention within documents (see SelfAttention). With ``recompute_activations`` only the layer's input is kept; the rest is recomputed
     in backward.
     """
 
@@ -561,21 +559,23 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(c, layer_number)
         self._compiled_forward = None  # set by compile_body()
 
-    def _forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.config
-        x = x + _hidden_dropout(self.self_attention(self.input_layernorm(x), cos, sin),
+        x = x + _hidden_dropout(self.self_attention(self.input_layernorm(x), cos, sin, doc_ids),
                                 c.hidden_dropout, self.training, c.sequence_parallel)
         x = x + _hidden_dropout(self.mlp(self.pre_mlp_layernorm(x)), c.hidden_dropout, self.training, c.sequence_parallel)
         return x
 
-    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None):
         if cos is None:
             tp = state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
             cos, sin = rope_for(x.shape[0] * tp, x.shape[1], self.config, x.device)
         body = self._compiled_forward or self._forward
         if self.config.recompute_activations and self.training and torch.is_grad_enabled():
-            return checkpoint(body, x, cos, sin)
-        return body(x, cos, sin)
+            return checkpoint(body, x, cos, sin, doc_ids)
+        return body(x, cos, sin, doc_ids)
 
     def compile_body(self, **compile_kwargs) -> None:
         """``torch.compile`` the layer's computation (inside the recomputation wrapper, which stays eager)."""
@@ -692,8 +692,14 @@ class GPTModel(nn.Module):
             return self.output_layer.weight
         return self.embedding.word_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *, return_hidden: bool = False):
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *,
+                document_ids: Optional[torch.Tensor] = None, return_hidden: bool = False):
         """tokens [B, S] -> logits [B, S, V/tp] (fp32 when the model is fp32; the vocab shard of this TP rank).
+
+        ``position_ids`` [B, S]: the positions of the tokens (default 0..S-1; restarted at each document
+        with --reset-position-ids); ``document_ids`` [B, S] (non-decreasing along each sample): a token
+        attends only to earlier tokens of its own document (--reset-attention-mask). Both come from
+        ``megatron_slung.model.attention.document_inputs``.
 
         With ``return_hidden=True`` returns ``(hidden [B, S, H], weight [V/tp, H])`` instead, for a fused
         linear + loss that never materialises the logits (``logits = hidden @ weight.T``): hidden is after
@@ -706,8 +712,10 @@ class GPTModel(nn.Module):
         c = self.config
         cos, sin = rope_for(s, b, c, tokens.device, position_ids)
         x = self.embedding(tokens, position_ids)
+        if document_ids is not None:
+            _check_position_ids(document_ids, b, s, "document_ids")
         for layer in self.decoder.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, document_ids)
         x = self.decoder.final_layernorm(x)
         if return_hidden:
             return fused_head_input(x, c.sequence_parallel), self.output_weight()

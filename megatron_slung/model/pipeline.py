@@ -11,8 +11,12 @@ indices), for L transformer layers:
              with ``fused_head`` the head returns (head input [B, S, H], weight [V/tp, H]) instead and
              the loss runs the fused linear + masked CE
 
-Between stages travels one tensor, hidden [S, B, H] ([S/tp, B, H] with sequence parallelism).
-Positions are always 0..S-1 in the pipeline (RoPE or the learned table). The weights equal ``GPTModel``'s for the same config
+Between stages travels one tensor, hidden [S, B, H] ([S/tp, B, H] with sequence parallelism), with
+positions 0..S-1 (RoPE or the learned table). With documents (--reset-position-ids, --reset-attention-mask)
+the first stage's input is the triple ``(tokens, position_ids, document_ids)`` (all [B, S] int64; ids of
+the flag that is off are 0..S-1 and all zeros, which change nothing) and the triple
+``(hidden, position_ids, document_ids)`` travels instead: every layer needs them (DeepSpeed sends the
+integer tensors along and no gradient for them). The weights equal ``GPTModel``'s for the same config
 (per-parameter seeded initialisation), at any PP/TP layout.
 
 The batch DeepSpeed reads from the data iterator is ``(tokens, (labels, risk))`` or
@@ -57,6 +61,7 @@ from megatron_slung.model.gpt import (
     normal_init,
     norm_kwargs,
     pipeline_layer_prefixes,
+    rope_for,
     vocab_parallel_logits,
 )
 from megatron_slung.parallel import state
@@ -67,16 +72,36 @@ TIED_EMBEDDING_KEY = "embed"
 
 # --------------------------------------------------------------------------- stage layers
 class EmbeddingPipe(Embedding):
-    """Layer 0: tokens [B, S] (or a 1-tuple of it) -> hidden [S, B, H]."""
+    """Layer 0: tokens [B, S] (or a 1-tuple of it) -> hidden [S, B, H];
+    (tokens, position_ids, document_ids) -> (hidden, position_ids, document_ids)."""
 
     def forward(self, inputs):
+        if isinstance(inputs, (tuple, list)) and len(inputs) == 3:
+            tokens, position_ids, document_ids = inputs
+            return super().forward(tokens, position_ids), position_ids, document_ids
         tokens = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
         return super().forward(tokens)
+
+
+class TransformerLayerPipe(TransformerLayer):
+    """A transformer layer: hidden -> hidden, or (hidden, position_ids, document_ids) -> the same triple
+    (RoPE at those positions, attention within those documents). Same parameters as TransformerLayer."""
+
+    def forward(self, inputs):
+        if not isinstance(inputs, (tuple, list)):
+            return super().forward(inputs)
+        hidden, position_ids, document_ids = inputs
+        b, s = position_ids.shape
+        cos, sin = rope_for(s, b, self.config, hidden.device, position_ids)
+        return super().forward(hidden, cos, sin, document_ids), position_ids, document_ids
 
 
 class FinalNormPipe(Norm):
     def __init__(self, config: GPTConfig):
         super().__init__(config.hidden_size, config.norm_epsilon, **norm_kwargs(config))
+
+    def forward(self, inputs):
+        return super().forward(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
 
 
 def _head(hidden, weight, sequence_parallel: bool, fused: bool):
@@ -117,7 +142,7 @@ def gpt_layer_specs(config: GPTConfig, fused_head: bool = False) -> list:
         TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, config, tied_weight_attr=["word_embeddings.weight"])
         if tied else LayerSpec(EmbeddingPipe, config)
     ]
-    specs += [LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)]
+    specs += [LayerSpec(TransformerLayerPipe, config, i) for i in range(config.num_layers)]
     specs.append(LayerSpec(FinalNormPipe, config))
     if tied:
         # On a last stage of its own this builds the word embeddings only: a position table there would be
@@ -306,6 +331,7 @@ __all__ = [
     "EmbeddingPipe",
     "FinalNormPipe",
     "OutputLayerPipe",
+    "TransformerLayerPipe",
     "GPTPipelineModule",
     "PipelineLoss",
     "gpt_layer_specs",

@@ -99,9 +99,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each transformer layer's body (fuses the elementwise work around the "
                         "matmuls; the first iterations compile, numerics change at rounding level)")
     g.add_argument("--use-flash-attn", action="store_true",
-                   help="what it means here: attention is torch's scaled_dot_product_attention, which on a GPU "
-                        "already runs the flash kernel where it can (with or without this flag); on a CPU it "
-                        "changes nothing")
+                   help="the flash kernel: the same as --attention-backend flash (refused with another "
+                        "--attention-backend than auto or flash)")
 
 
 def _signal_name(text: str) -> str:
@@ -188,7 +187,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-cache-path", default=None, help="where the sample indices are cached")
     g.add_argument("--mock-data", action="store_true",
                    help="synthetic tokens and risk levels (benchmarks, tests); needs --vocab-size or a tokenizer")
-    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss at the positions whose input token is the end-of-document token (the prediction "
+                        "of the next document's first token from the EOD), as Megatron masks it")
     g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
     g.add_argument("--tokenizer-type", default=None,
                    help="SentencePieceTokenizer, HuggingFaceTokenizer, or NullTokenizer (with --vocab-size)")
@@ -403,7 +404,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logs_args(p)
     _add_refused_args(p)
     _add_sched_args(p)
+    _add_document_attention_args(p)
     return p
+
+
+def _add_document_attention_args(p: argparse.ArgumentParser) -> None:
+    from megatron_slung.model.attention import ATTENTION_BACKENDS
+
+    g = p.add_argument_group("attention and documents")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="positions restart at 0 after each end-of-document token (learned positions and RoPE)")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="a token attends only to its own document: never across an end-of-document token (the "
+                        "EOD belongs to the document it ends); one attention call per document, no S x S mask")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="auto: torch's SDPA picks; flash: SDPA's flash kernel; fused: SDPA's cuDNN / memory-"
+                        "efficient kernels; unfused: SDPA's math (matmul-softmax) kernel; local: this project's "
+                        "plain matmul-softmax. A backend the device/dtype cannot run is refused at start-up")
 
 
 # --------------------------------------------------------------------------- config files
@@ -517,6 +534,15 @@ def _require(args, *names: str) -> None:
             _fail(f"--{name.replace('_', '-')} is required")
 
 
+def _validate_document_attention(args: argparse.Namespace) -> None:
+    # --use-flash-attn asks for the flash kernel: --attention-backend flash, unless another backend is named
+    if args.use_flash_attn:
+        if args.attention_backend not in ("auto", "flash"):
+            _fail(f"--use-flash-attn contradicts --attention-backend {args.attention_backend}; give one of them "
+                  "(--use-flash-attn is --attention-backend flash)")
+        args.attention_backend = "flash"
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Check the flags for ``world_size`` ranks and fill in the derived values (in place; returns args)."""
     world_size = world_size_from_env() if world_size is None else int(world_size)
@@ -545,6 +571,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     # ---- model shape
     _validate_model_shape(args, tp, pp)
+    _validate_document_attention(args)
 
     # ---- batch
     mbs = args.micro_batch_size

@@ -60,8 +60,8 @@ class MockGPTDataset(torch.utils.data.Dataset):
     Sample ``i`` (its own generator, seeded by ``seed`` and ``i``, so any order and any worker give the same
     data) is an arithmetic progression modulo the vocabulary with a random start and a stride of 1..3, with
     ~5% random tokens, so a model can learn it. Risk levels: mostly 1 (benign), plus one span of level 2 and
-    one of level 3 in each sample, and a few level-0 tokens. The loss mask is all ones (end-of-document
-    tokens masked with ``eod_mask_loss``).
+    one of level 3 in each sample, and a few level-0 tokens. The loss mask is all ones (0 where the input
+    token is the end-of-document token with ``eod_mask_loss``, as Megatron masks it).
     """
 
     def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int, *, eod: Optional[int] = None,
@@ -94,8 +94,8 @@ class MockGPTDataset(torch.utils.data.Dataset):
         risk[torch.rand(s + 1, generator=g) < 0.02] = 0
         tokens, labels = text[:-1].clone(), text[1:].clone()
         loss_mask = torch.ones(s, dtype=torch.float32)
-        if self.eod_mask_loss and self.eod is not None:
-            loss_mask[labels == self.eod] = 0.0
+        if self.eod_mask_loss and self.eod is not None:  # Megatron's: where the input token is the EOD
+            loss_mask[tokens == self.eod] = 0.0
         return {"tokens": tokens.long(), "labels": labels.long(), "risk": risk[1:].clone(), "loss_mask": loss_mask}
 
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from megatron_slung.data.risk import NUM_LEVELS
 from megatron_slung.loss.policy import LossPolicy
-from megatron_slung.training import checkpointing
+from megatron_slung.training import checkpointing, documents
 from megatron_slung.training.arguments import ArgumentError, args_to_dict, parse_args, world_size_from_env
 from megatron_slung.training.data import (
     IGNORE_INDEX,
@@ -77,6 +77,7 @@ def gpt_config_from_args(args, padded_vocab_size: int):
         normalization=args.normalization, apply_layernorm_1p=args.apply_layernorm_1p,
         qk_layernorm=args.qk_layernorm, swiglu=args.swiglu, openai_gelu=args.openai_gelu,
         add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
+        attention_backend=args.attention_backend,
     )
 
 
@@ -219,6 +220,10 @@ def setup(args, device: torch.device, tokenizer=None) -> Trainer:
     args.padded_vocab_size = padded_vocab
     config = gpt_config_from_args(args, padded_vocab)
     checkpointing.check_model_config(load_metadata, config)
+    try:
+        documents.check_attention(args, device, config)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     policy = LossPolicy.parse(args.risk_loss_policy)
     pipeline = args.pipeline_model_parallel_size > 1
     loss_kwargs = dict(label_smoothing=args.label_smoothing, z_loss=args.z_loss)
@@ -375,7 +380,8 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
             return _decide_update(trainer, stats is not None and not math.isfinite(float(stats["loss_sum"])))
 
         trainer.guard.begin(decide)
-        batches = [(mb.tokens, (mb.labels, mb.risk)) for mb in micro_batches] if trainer.loads_data else None
+        batches = ([(documents.pipeline_inputs(args, trainer.tokenizer.eod, mb.tokens), (mb.labels, mb.risk))
+                    for mb in micro_batches] if trainer.loads_data else None)
         engine.train_batch(iter(batches) if batches is not None else None)
         raw = module.loss_fn.pop_stats()
         stats = None
@@ -392,7 +398,8 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
             # The boundary said explicitly: DeepSpeed's own count (micro steps mod GAS) breaks when GAS changes.
             engine.set_gradient_accumulation_boundary(j == len(micro_batches) - 1)
             mb = mb.to(trainer.device)
-            output = engine(mb.tokens, return_hidden=True) if args.fused_linear_ce else engine(mb.tokens)
+            inputs = documents.model_inputs(args, trainer.tokenizer.eod, mb.tokens)
+            output = engine(mb.tokens, return_hidden=True, **inputs) if args.fused_linear_ce else engine(mb.tokens, **inputs)
             out = _masked_ce(trainer, output, mb.labels, mb.risk)
             engine.backward(out.loss_sum * scale)
             _add_stats(stats, out.loss_sum.to(comm), out.num_tokens.to(comm), out.level_count.to(comm),
@@ -445,7 +452,8 @@ def evaluate(trainer: Trainer, loader, num_batches: int) -> Optional[torch.Tenso
                  if trainer.loads_data else None)
         if trainer.pipeline:
             trainer.module.set_loss_scale(None)
-            data = iter([(mb.tokens, (mb.labels, mb.risk)) for mb in micro]) if micro is not None else None
+            data = (iter([(documents.pipeline_inputs(args, trainer.tokenizer.eod, mb.tokens), (mb.labels, mb.risk))
+                          for mb in micro]) if micro is not None else None)
             engine.eval_batch(data, num_micro_batches=args.gradient_accumulation_steps)
             raw = trainer.module.loss_fn.pop_stats()
             if raw is not None:
@@ -457,7 +465,9 @@ def evaluate(trainer: Trainer, loader, num_batches: int) -> Optional[torch.Tenso
             with torch.no_grad():
                 for mb in micro:
                     mb = mb.to(trainer.device)
-                    output = engine(mb.tokens, return_hidden=True) if args.fused_linear_ce else engine(mb.tokens)
+                    inputs = documents.model_inputs(args, trainer.tokenizer.eod, mb.tokens)
+                    output = (engine(mb.tokens, return_hidden=True, **inputs) if args.fused_linear_ce
+                              else engine(mb.tokens, **inputs))
                     out = _masked_ce(trainer, output, mb.labels, mb.risk)
                     _add_stats(stats, out.loss_sum.to(comm), out.num_tokens.to(comm), out.level_count.to(comm),
                                out.level_ce_sum.to(comm))
