@@ -32,8 +32,9 @@ the gradient is that of ``sum(per-token losses over the global batch) / N_global
 tokens of all its micro-batches, all-reduce over the DP group). Unset (``None``), each micro-batch is
 normalised by its own token count (fine for evaluation, wrong for training with masking).
 
-Activation checkpointing lives inside ``TransformerLayer`` (``config.recompute_activations``), so the
-PipelineModule itself uses ``activation_checkpoint_interval=0``.
+Activation recomputation follows the config (Megatron's ``recompute_granularity``/``_method``/``_num_layers``):
+each stage runs its transformer layers through ``run_transformer_layers`` (so "block" counts the first layers
+of each stage, as in Megatron), and DeepSpeed's own ``activation_checkpoint_interval`` stays 0.
 
 DeepSpeed settings that must go with it (see docs/model.md): with TP > 1 and sequence parallelism,
 ``"pipeline": {"pipe_partitioned": false, "grad_partitioned": false}`` (DeepSpeed's partitioning of
@@ -54,6 +55,7 @@ from megatron_slung.model.gpt import (
     Norm,
     TransformerLayer,
     fused_head_input,
+    run_transformer_layers,
     normal_init,
     norm_kwargs,
     pipeline_layer_prefixes,
@@ -264,7 +266,7 @@ class GPTPipelineModule(PipelineModule):
             topology=topology,
             loss_fn=loss_fn if loss_fn is not None else PipelineLoss(policy),
             partition_method=method,
-            activation_checkpoint_interval=0,  # recomputation happens inside TransformerLayer
+            activation_checkpoint_interval=0,  # recomputation: see forward
         )
         # The tied embedding's copy on the last stage must not count twice in the gradient norm.
         # DeepSpeed marks it `ds_pipe_replicated`, which its fp32 clipping ignores; without the
@@ -274,6 +276,21 @@ class GPTPipelineModule(PipelineModule):
                 for p in comm["module"].parameters():
                     p.tensor_model_parallel = False
                     p.model_parallel = False
+
+    def forward(self, forward_input):
+        # DeepSpeed's forward with activation_checkpoint_interval=0 runs the stage's layers in order; the
+        # same here, the transformer layers (contiguous) going through Megatron's recomputation plan.
+        self.micro_offset += 1
+        funcs = list(self.forward_funcs)
+        where = [i for i, f in enumerate(funcs) if isinstance(f, TransformerLayer)]
+        first, end = (where[0], where[-1] + 1) if where else (len(funcs), len(funcs))
+        x = forward_input
+        for f in funcs[:first]:
+            x = f(x)
+        x = run_transformer_layers(funcs[first:end], x)
+        for f in funcs[end:]:
+            x = f(x)
+        return x
 
     def _count_layer_params(self):
         # DeepSpeed's version builds every layer of the whole model on every rank just to count;
