@@ -82,7 +82,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "tiktoken"],  # tiktoken: the TikTokenizer tests
+        "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer
         "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval[hf]"],
     },
     ext_modules=[_extension()],
