@@ -97,3 +97,22 @@ def test_deepspeed_runs_zero_1_with_overlapped_reduction_and_the_same_losses():
         records = run_distributed(pretrain_body, 2, args=(TINY + ["--train-iters", "2"] + extra,))[-1]
         runs[name] = [r["loss"] for r in train_records(records)]
     assert runs["zero1_overlap"] == pytest.approx(runs["plain"], rel=1e-5)
+
+
+def _group_timeouts(rank, world_size):
+    import datetime
+
+    import torch
+
+    from megatron_slung.parallel import state
+
+    state.initialize_model_parallel(tensor_model_parallel_size=2, timeout=datetime.timedelta(minutes=7))
+    groups = (state.get_tensor_model_parallel_group(), state.get_data_parallel_group())
+    out = [g._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60 for g in groups]
+    state.destroy_model_parallel()
+    return out
+
+
+def test_model_parallel_groups_take_the_timeout():
+    # torch's new_group does not inherit the default group's timeout (it falls back to 30 minutes)
+    assert run_distributed(_group_timeouts, 2) == [[7, 7], [7, 7]]
