@@ -22,7 +22,6 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from megatron_slung.data.tokenizers import NullTokenizer  # noqa: F401  (Megatron's, with mock data)
 from megatron_slung.loss.policy import LossMode, LossPolicy
 
 IGNORE_INDEX = -100
