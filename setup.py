@@ -85,7 +85,9 @@ setup(
     extras_require={
         # wandb: --wandb-project (optional at run time; the tests read an offline run's files)
         # fasttext-numpy2: tools/train_risk_classifier.py --backend fasttext (optional at run time)
-        "test": ["pytest", "pytest-timeout", "wandb", "fasttext-numpy2"],
+        # tiktoken: --tokenizer-type TikTokenizer (optional at run time; the tests build a tiny BPE file)
+        "test": ["pytest", "pytest-timeout", "wandb", "fasttext-numpy2", "tiktoken"],
+        "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer
         "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval[hf]"],
     },
     ext_modules=[_extension()],

@@ -17,17 +17,7 @@ LISTS = sorted(glob.glob(os.path.join(ROOT, "tests", "megatron_example_flags", "
 
 # Flags other helpers add on their own branches (issue 13): the lead empties this list when merging them.
 PENDING = {
-    "--attention-backend": "docattn",
     "--step-batch-size-schedule": "sched",
-    "--use-mcore-models": "flags",
-    "--cross-entropy-loss-fusion": "flags",
-    "--calculate-per-token-loss": "flags",
-    "--use-distributed-optimizer": "flags",
-    "--overlap-grad-reduce": "flags",
-    "--overlap-param-gather": "flags",
-    "--vocab-file": "flags",
-    "--merge-file": "flags",
-    "--tiktoken-pattern": "flags",
 }
 
 PLACEHOLDERS = {"$CHECKPOINT_PATH": "/tmp/ckpt", "$TENSORBOARD_LOGS_PATH": "/tmp/tb", "$VOCAB_FILE": "/tmp/vocab.json",

@@ -72,7 +72,7 @@ import contextlib
 import math
 import zlib
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,8 @@ from megatron_slung.parallel.mappings import (
 from megatron_slung.parallel.random import checkpoint, get_rng_tracker
 
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -126,7 +128,13 @@ class GPTConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     sequence_parallel: bool = False
-    recompute_activations: bool = False  # recompute each whole transformer layer in the backward
+    # Activation recomputation, Megatron's fields and meanings (see recompute_plan): "full" recomputes whole
+    # layers (chunks of recompute_num_layers with method "uniform"; the first recompute_num_layers layers of
+    # each pipeline stage with "block"); "selective" only the core attention (softmax, dropout, context).
+    recompute_granularity: Optional[str] = None  # None | "full" | "selective"
+    recompute_method: Optional[str] = None  # "uniform" | "block" (full only)
+    recompute_num_layers: Optional[int] = None  # full only
+    recompute_activations: bool = False  # Megatron's shorthand: = recompute_granularity "selective"
     params_dtype: torch.dtype = torch.float32
     position_embedding_type: str = "rope"  # "learned_absolute" | "rope" | "none"
     rotary_percent: float = 1.0  # RoPE on the first int(head_dim * rotary_percent) channels of each head
@@ -181,6 +189,33 @@ class GPTConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"GPTConfig: attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        """Megatron's rules (its TransformerConfig): --recompute-activations is selective; full needs a method
+        and a layer count; selective takes neither."""
+        if self.recompute_activations:
+            if self.recompute_granularity not in (None, "selective"):
+                raise ValueError(f"GPTConfig: recompute_activations (= selective) contradicts recompute_granularity "
+                                 f"{self.recompute_granularity!r}")
+            self.recompute_granularity = "selective"
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(f"GPTConfig: recompute_granularity must be None, full or selective, got {g!r}")
+        if m not in (None,) + RECOMPUTE_METHODS:
+            raise ValueError(f"GPTConfig: recompute_method must be uniform or block, got {m!r}")
+        if g == "full":
+            if m is None or n is None:
+                raise ValueError("recompute granularity full needs --recompute-method (uniform or block) and "
+                                 "--recompute-num-layers")
+            if not isinstance(n, int) or n < 0 or (m == "uniform" and n < 1):
+                raise ValueError(f"--recompute-num-layers must be >= {1 if m == 'uniform' else 0} with "
+                                 f"--recompute-method {m}, got {n!r}")
+        elif m is not None or n is not None:
+            what = "--recompute-method" if m is not None else "--recompute-num-layers"
+            raise ValueError(f"{what} needs --recompute-granularity full" + (
+                " (selective recomputes the core attention of every layer: Megatron takes no method or layer "
+                "count with it)" if g == "selective" else ""))
 
     @property
     def rotary_dim(self) -> int:
@@ -266,7 +301,8 @@ class GPTConfig:
 # (megatron_slung.training.checkpointing). A new field is therefore checked unless it is listed here.
 RUN_SETTINGS = frozenset({"init_method_std", "init_seed", "hidden_dropout", "attention_dropout",
                           "sequence_parallel", "recompute_activations", "params_dtype",
-                          "attention_backend"})
+                          "attention_backend", "recompute_granularity",
+                          "recompute_method", "recompute_num_layers"})
 
 
 def architecture_fields() -> List[str]:
@@ -487,12 +523,22 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # SDPA wants [B, heads, S, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
+            # Megatron's selective recomputation ("core_attn"): keep q, k, v; redo softmax, dropout, context
+            ctx = checkpoint(self.core_attention, q, k, v, doc_ids)
+        else:
+            ctx = self.core_attention(q, k, v, doc_ids)
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * d)
+        return self.linear_proj(ctx)
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + causal mask, within documents given ``doc_ids``) v, with attention dropout,
+        on the configured backend: q [B, nh, S, d], k/v [B, ng, S, d]."""
         p = self.config.attention_dropout if self.training else 0.0
         # heads are split across TP ranks: with dropout each rank needs its own mask
         with get_rng_tracker().fork() if p > 0.0 else contextlib.nullcontext():
-            ctx = core_attention(q, k, v, backend=self.config.attention_backend, doc_ids=doc_ids, dropout_p=p)
-        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * d)
-        return self.linear_proj(ctx)
+            return core_attention(q, k, v, backend=self.config.attention_backend, doc_ids=doc_ids, dropout_p=p)
 
 
 class MLP(nn.Module):
@@ -544,8 +590,9 @@ class TransformerLayer(nn.Module):
 
     ``forward(hidden, cos=None, sin=None, doc_ids=None)``: hidden [S, B, H] ([S/tp, B, H] with sequence
     parallelism); cos/sin from ``rope_for`` (computed here for positions 0..S-1 when omitted; unused
-    without RoPE); ``doc_ids`` [B, S]: attention within documents (see SelfAttention). With ``recompute_activations`` only the layer's input is kept; the rest is recomputed
-    in backward.
+    without RoPE); ``doc_ids`` [B, S]: attention within documents (see SelfAttention). Full recomputation
+    of layers is decided by the block that runs them (``run_transformer_layers``); selective recomputation
+    lives in ``SelfAttention``.
     """
 
     def __init__(self, config: GPTConfig, layer_number: int):
@@ -573,8 +620,6 @@ class TransformerLayer(nn.Module):
             tp = state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
             cos, sin = rope_for(x.shape[0] * tp, x.shape[1], self.config, x.device)
         body = self._compiled_forward or self._forward
-        if self.config.recompute_activations and self.training and torch.is_grad_enabled():
-            return checkpoint(body, x, cos, sin, doc_ids)
         return body(x, cos, sin, doc_ids)
 
     def compile_body(self, **compile_kwargs) -> None:
@@ -652,6 +697,41 @@ def fused_head_input(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Ten
     return hidden.transpose(0, 1)
 
 
+def recompute_plan(config: GPTConfig, num_layers: int) -> List[Tuple[int, int, bool]]:
+    """How the ``num_layers`` transformer layers of one pipeline stage run: ``(start, end, recomputed)``
+    chunks, Megatron's ``_checkpointed_forward``. Full + uniform: chunks of ``recompute_num_layers`` layers,
+    each keeping only its input; full + block: the first ``recompute_num_layers`` layers of the stage each
+    recomputed, the rest not; otherwise (none, selective) one chunk that is not recomputed as a whole."""
+    if config.recompute_granularity != "full":
+        return [(0, num_layers, False)]
+    n = config.recompute_num_layers
+    if config.recompute_method == "uniform":
+        return [(i, min(i + n, num_layers), True) for i in range(0, num_layers, n)]
+    return [(i, i + 1, i < n) for i in range(num_layers)]
+
+
+def run_transformer_layers(layers: Sequence[nn.Module], x: torch.Tensor, cos: Optional[torch.Tensor] = None,
+                           sin: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run one stage's transformer layers in order, recomputing chunks as ``recompute_plan`` says
+    (``doc_ids``: attention within documents, see SelfAttention)."""
+    if not layers:
+        return x
+    config = layers[0].config
+    recompute = torch.is_grad_enabled() and layers[0].training
+
+    def run(chunk):
+        def forward(h, c, s, d):
+            for layer in chunk:
+                h = layer(h, c, s, d)
+            return h
+        return forward
+
+    for start, end, recomputed in recompute_plan(config, len(layers)):
+        chunk = run(layers[start:end])
+        x = checkpoint(chunk, x, cos, sin, doc_ids) if recomputed and recompute else chunk(x, cos, sin, doc_ids)
+    return x
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, config: GPTConfig, layer_numbers=None):
         super().__init__()
@@ -714,8 +794,7 @@ class GPTModel(nn.Module):
         x = self.embedding(tokens, position_ids)
         if document_ids is not None:
             _check_position_ids(document_ids, b, s, "document_ids")
-        for layer in self.decoder.layers:
-            x = layer(x, cos, sin, document_ids)
+        x = run_transformer_layers(self.decoder.layers, x, cos, sin, document_ids)
         x = self.decoder.final_layernorm(x)
         if return_hidden:
             return fused_head_input(x, c.sequence_parallel), self.output_weight()

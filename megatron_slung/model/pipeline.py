@@ -36,8 +36,9 @@ the gradient is that of ``sum(per-token losses over the global batch) / N_global
 tokens of all its micro-batches, all-reduce over the DP group). Unset (``None``), each micro-batch is
 normalised by its own token count (fine for evaluation, wrong for training with masking).
 
-Activation checkpointing lives inside ``TransformerLayer`` (``config.recompute_activations``), so the
-PipelineModule itself uses ``activation_checkpoint_interval=0``.
+Activation recomputation follows the config (Megatron's ``recompute_granularity``/``_method``/``_num_layers``):
+each stage runs its transformer layers through ``run_transformer_layers`` (so "block" counts the first layers
+of each stage, as in Megatron), and DeepSpeed's own ``activation_checkpoint_interval`` stays 0.
 
 DeepSpeed settings that must go with it (see docs/model.md): with TP > 1 and sequence parallelism,
 ``"pipeline": {"pipe_partitioned": false, "grad_partitioned": false}`` (DeepSpeed's partitioning of
@@ -58,6 +59,7 @@ from megatron_slung.model.gpt import (
     Norm,
     TransformerLayer,
     fused_head_input,
+    run_transformer_layers,
     normal_init,
     norm_kwargs,
     pipeline_layer_prefixes,
@@ -87,9 +89,9 @@ class TransformerLayerPipe(TransformerLayer):
     """A transformer layer: hidden -> hidden, or (hidden, position_ids, document_ids) -> the same triple
     (RoPE at those positions, attention within those documents). Same parameters as TransformerLayer."""
 
-    def forward(self, inputs):
-        if not isinstance(inputs, (tuple, list)):
-            return super().forward(inputs)
+    def forward(self, inputs, cos=None, sin=None, doc_ids=None):
+        if not isinstance(inputs, (tuple, list)):  # a hidden tensor (also from run_transformer_layers)
+            return super().forward(inputs, cos, sin, doc_ids)
         hidden, position_ids, document_ids = inputs
         b, s = position_ids.shape
         cos, sin = rope_for(s, b, self.config, hidden.device, position_ids)
@@ -289,7 +291,7 @@ class GPTPipelineModule(PipelineModule):
             topology=topology,
             loss_fn=loss_fn if loss_fn is not None else PipelineLoss(policy),
             partition_method=method,
-            activation_checkpoint_interval=0,  # recomputation happens inside TransformerLayer
+            activation_checkpoint_interval=0,  # recomputation: see forward
         )
         # The tied embedding's copy on the last stage must not count twice in the gradient norm.
         # DeepSpeed marks it `ds_pipe_replicated`, which its fp32 clipping ignores; without the
@@ -299,6 +301,28 @@ class GPTPipelineModule(PipelineModule):
                 for p in comm["module"].parameters():
                     p.tensor_model_parallel = False
                     p.model_parallel = False
+
+    def forward(self, forward_input):
+        # DeepSpeed's forward with activation_checkpoint_interval=0 runs the stage's layers in order; the
+        # same here, the transformer layers (contiguous) going through Megatron's recomputation plan.
+        self.micro_offset += 1
+        funcs = list(self.forward_funcs)
+        where = [i for i, f in enumerate(funcs) if isinstance(f, TransformerLayer)]
+        first, end = (where[0], where[-1] + 1) if where else (len(funcs), len(funcs))
+        x = forward_input
+        for f in funcs[:first]:
+            x = f(x)
+        layers = funcs[first:end]
+        if isinstance(x, (tuple, list)) and layers:  # documents: (hidden, position_ids, document_ids)
+            hidden, position_ids, document_ids = x
+            b, s = position_ids.shape
+            cos, sin = rope_for(s, b, self.config, hidden.device, position_ids)
+            x = (run_transformer_layers(layers, hidden, cos, sin, document_ids), position_ids, document_ids)
+        else:
+            x = run_transformer_layers(layers, x)
+        for f in funcs[end:]:
+            x = f(x)
+        return x
 
     def _count_layer_params(self):
         # DeepSpeed's version builds every layer of the whole model on every rank just to count;

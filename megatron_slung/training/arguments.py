@@ -94,7 +94,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on the attention probabilities")
     g.add_argument("--init-method-std", type=float, default=0.02,
                    help="weights ~ N(0, std); the attention and MLP output projections std / sqrt(2 x layers)")
-    g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in the backward")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="Megatron's shorthand for --recompute-granularity selective (the core attention of every "
+                        "layer is recomputed in the backward)")
     g.add_argument("--torch-compile", action="store_true",
                    help="torch.compile each transformer layer's body (fuses the elementwise work around the "
                         "matmuls; the first iterations compile, numerics change at rounding level)")
@@ -192,10 +194,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "of the next document's first token from the EOD), as Megatron masks it")
     g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
     g.add_argument("--tokenizer-type", default=None,
-                   help="SentencePieceTokenizer, HuggingFaceTokenizer, or NullTokenizer (with --vocab-size)")
+                   help="SentencePieceTokenizer, HuggingFaceTokenizer, GPT2BPETokenizer (--vocab-file, --merge-file), "
+                        "TikTokenizer (--tokenizer-model), or NullTokenizer (with --vocab-size)")
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size when there is no tokenizer (NullTokenizer, --mock-data)")
+                   help="NullTokenizer's vocabulary size (its end-of-document id is vocab size - 1); TikTokenizer's "
+                        "total size with the special tokens (default 131072)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--allow-missing-risk", action="store_true",
                    help="train a --data-path dataset that has no risk channel (PREFIX.risk.bin/.idx) as all level 0 "
@@ -405,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refused_args(p)
     _add_sched_args(p)
     _add_document_attention_args(p)
+    _add_recompute_optimizer_tokenizer_args(p)
     return p
 
 
@@ -583,6 +588,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
               f"size ({dp}) = {mbs * dp} (data-parallel size = world size {world_size} / (TP {tp} x PP {pp}))")
     args.gradient_accumulation_steps = gbs // (mbs * dp)
 
+    _validate_recompute_optimizer_tokenizer(args)
+
     # ---- precision and DeepSpeed
     if args.fp16 and args.bf16:
         _fail("--fp16 and --bf16 cannot be used together")
@@ -624,14 +631,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     # ---- data and tokenizer
     _validate_data_paths(args)
-    if args.tokenizer_type is None:
-        if args.vocab_size is None:
-            _fail("give --tokenizer-type and --tokenizer-model, or --vocab-size (NullTokenizer)")
-        args.tokenizer_type = "NullTokenizer"
-    elif args.tokenizer_type != "NullTokenizer" and args.tokenizer_model is None:
-        _fail(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
-    if args.tokenizer_type == "NullTokenizer" and (args.vocab_size is None or args.vocab_size < 2):
-        _fail("NullTokenizer needs --vocab-size >= 2")
+    _validate_tokenizer_args(args)
     if args.make_vocab_size_divisible_by < 1:
         _fail("--make-vocab-size-divisible-by must be >= 1")
     if args.num_workers < 0:
@@ -835,6 +835,171 @@ def _validate_refused(args: argparse.Namespace) -> None:
             why = f" ({', '.join(missing)})" if missing else ""
         shown = "" if isinstance(value, bool) else " " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
         _fail(f"{flag}{shown}: refused: {reason.format(why=why)}")
+
+
+# --------------------------------------------------------------------------- recompute, optimizer, tokenizers
+def _add_recompute_optimizer_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    # Megatron-LM's names, meanings and defaults; docs/training.md says what each one maps to here.
+    g = p.add_argument_group("activation recomputation (Megatron's)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: whole transformer layers (with --recompute-method and --recompute-num-layers); "
+                        "selective: the core attention (softmax, dropout, context) of every layer")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with full: uniform = chunks of --recompute-num-layers layers, each keeping only its input; "
+                        "block = the first --recompute-num-layers layers of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="layers per chunk (uniform) or recomputed layers per pipeline stage (block)")
+
+    g = p.add_argument_group("distributed optimizer and communication overlap (mapped onto DeepSpeed)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state over the data-parallel ranks: DeepSpeed ZeRO stage 1")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradients during the backward: DeepSpeed's zero_optimization.overlap_comm (ZeRO >= 1, "
+                        "no pipeline)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="gather parameters while computing: DeepSpeed ZeRO 3's prefetch (with --overlap-grad-reduce); "
+                        "refused with ZeRO 1/2, which gather after the step with nothing to overlap")
+
+    g = p.add_argument_group("implementation switches (Megatron's)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="the fused cross-entropy: this project's compiled kernel (= --loss-impl kernel)")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="the loss is divided by the loss-carrying tokens of the global batch: what this trainer "
+                        "always does")
+    g.add_argument("--use-mcore-models", action="store_true", dest="deprecated_use_mcore_models",
+                   help="accepted: there is one model here (Megatron-core's GPT layout); Megatron ignores it too")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="local (torch modules; default here, Megatron's is transformer_engine, the same model); "
+                        "transformer_engine is refused: there are no Transformer Engine layers here")
+
+    g = p.add_argument_group("tokenizer files (Megatron's)")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: the GPT-2 vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: the GPT-2 merges.txt")
+    add_tiktoken_args(g)
+
+
+def add_tiktoken_args(g) -> None:
+    """TikTokenizer's flags (shared with tools/preprocess_data.py)."""
+    g.add_argument("--tiktoken-pattern", choices=["v1", "v2"], default=None,
+                   help="TikTokenizer's pre-tokenisation regex (Megatron's v1 or v2; default v2)")
+    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                   help="TikTokenizer: ids 0..N-1 are special tokens, the BPE ranks start at N (default 1000)")
+    g.add_argument("--tokenizer-special-tokens", "--tiktoken-special-tokens", nargs="+", default=None,
+                   dest="special_tokens",
+                   help="TikTokenizer's first special tokens in id order; must include <unk> <s> </s> <mask> <pad> "
+                        "<cls> <sep> (the default, in that order; </s> is the end of document)")
+
+
+def _validate_recompute_optimizer_tokenizer(args: argparse.Namespace) -> None:
+    """Recomputation (Megatron's rules), the distributed optimizer's ZeRO stage, the implementation switches.
+    Runs before the ZeRO stage is defaulted; the overlap settings are checked with the DeepSpeed config."""
+    from megatron_slung.model.gpt import GPTConfig
+
+    # Megatron: --recompute-activations is selective; full needs a method and a count; selective neither
+    try:
+        probe = GPTConfig(num_layers=1, hidden_size=8, num_attention_heads=1, vocab_size=8,
+                          recompute_activations=args.recompute_activations,
+                          recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                          recompute_num_layers=args.recompute_num_layers)
+    except ValueError as e:
+        _fail(str(e).replace("GPTConfig: recompute_activations (= selective)", "--recompute-activations (= selective)")
+              .replace("recompute_granularity", "--recompute-granularity"))
+    args.recompute_granularity = probe.recompute_granularity
+
+    if args.use_distributed_optimizer:
+        if args.zero_stage is not None and args.zero_stage != 1:
+            _fail(f"--use-distributed-optimizer is ZeRO stage 1 here; it contradicts --zero-stage {args.zero_stage}")
+        if args.deepspeed_config is not None:
+            from megatron_slung.training.deepspeed_config import read_json_config
+
+            stage = read_json_config(args.deepspeed_config).get("zero_optimization", {}).get("stage")
+            if stage is not None and int(stage) != 1:
+                _fail(f"--use-distributed-optimizer is ZeRO stage 1 here; --deepspeed-config {args.deepspeed_config} "
+                      f"has zero_optimization.stage = {stage}")
+        args.zero_stage = 1
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        _fail("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron)")
+
+    if args.cross_entropy_loss_fusion:
+        if args.loss_impl == "torch":
+            _fail("--cross-entropy-loss-fusion (the fused kernel) contradicts --loss-impl torch")
+        args.loss_impl = "kernel"
+    if args.transformer_impl == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+            why = "Transformer Engine is installed, but this trainer has no Transformer Engine layers"
+        except ImportError:
+            why = "Transformer Engine is not installed, and this trainer has no Transformer Engine layers"
+        _fail(f"--transformer-impl transformer_engine: {why}; use --transformer-impl local (the same model with torch "
+              "modules)")
+
+
+def check_overlap_settings(args: argparse.Namespace, config: dict, source: str) -> None:
+    """--overlap-grad-reduce / --overlap-param-gather onto the DeepSpeed ``config`` (in place), or refused where
+    DeepSpeed would not overlap (it would silently run without)."""
+    zero = config.setdefault("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if args.overlap_grad_reduce:
+        if stage == 0:
+            _fail("--overlap-grad-reduce needs ZeRO stage >= 1 here (DeepSpeed's ZeRO 0 reduces the gradients after "
+                  "the backward); add --use-distributed-optimizer or --zero-stage 1/2")
+        if args.pipeline_model_parallel_size > 1:
+            _fail("--overlap-grad-reduce cannot be honoured with --pipeline-model-parallel-size > 1: DeepSpeed turns "
+                  "overlap_comm off under pipeline parallelism")
+        accum = config.get("data_types", {}).get("grad_accum_dtype")
+        if stage == 1 and args.bf16 and accum in ("fp32", "float32", "float"):
+            _fail("--overlap-grad-reduce with --bf16 at ZeRO 1: DeepSpeed's bf16 ZeRO-1 optimizer (fp32 gradient "
+                  "accumulation) has no overlapped reduction; use --zero-stage 2 or drop --overlap-grad-reduce")
+        if zero.get("overlap_comm") is False:
+            _fail(f"{source}: zero_optimization.overlap_comm = false contradicts --overlap-grad-reduce")
+        zero["overlap_comm"] = True
+    if args.overlap_param_gather:
+        if stage != 3:
+            why = ("--use-distributed-optimizer is ZeRO 1" if args.use_distributed_optimizer else f"ZeRO {stage}")
+            _fail(f"--overlap-param-gather cannot be honoured: {why}, where DeepSpeed gathers the updated parameters "
+                  "right after the optimizer step with nothing to overlap; only ZeRO 3 prefetches parameters during "
+                  "the forward (--zero-stage 3 --overlap-grad-reduce --overlap-param-gather)")
+        if zero.get("stage3_prefetch_bucket_size", 1) in (0, "0"):
+            _fail(f"{source}: zero_optimization.stage3_prefetch_bucket_size = 0 turns off the prefetch that "
+                  "--overlap-param-gather asks for")
+
+
+_TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer",
+                    "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer")
+
+
+def _validate_tokenizer_args(args: argparse.Namespace) -> None:
+    """Which files each --tokenizer-type reads; flags that belong to another tokenizer are refused, except
+    --tiktoken-pattern, which Megatron's own Llama example passes with NullTokenizer (warned)."""
+    t = args.tokenizer_type
+    if t is None:
+        if args.vocab_file or args.merge_file:
+            _fail("--vocab-file/--merge-file need --tokenizer-type GPT2BPETokenizer")
+        if args.vocab_size is None:
+            _fail("give --tokenizer-type and --tokenizer-model, or --vocab-size (NullTokenizer)")
+        t = args.tokenizer_type = "NullTokenizer"
+    if t not in _TOKENIZER_TYPES:
+        _fail(f"--tokenizer-type {t}: not supported here; choose one of {', '.join(_TOKENIZER_TYPES)}")
+    if t == "GPT2BPETokenizer":
+        if not args.vocab_file or not args.merge_file:
+            _fail("--tokenizer-type GPT2BPETokenizer needs --vocab-file (vocab.json) and --merge-file (merges.txt)")
+        if args.tokenizer_model is not None:
+            _fail("--tokenizer-type GPT2BPETokenizer reads --vocab-file and --merge-file, not --tokenizer-model")
+    elif args.vocab_file or args.merge_file:
+        _fail(f"--vocab-file/--merge-file are read by GPT2BPETokenizer only, not --tokenizer-type {t}")
+    elif t != "NullTokenizer" and args.tokenizer_model is None:
+        _fail(f"--tokenizer-type {t} needs --tokenizer-model")
+    if t == "NullTokenizer" and (args.vocab_size is None or args.vocab_size < 2):
+        _fail("NullTokenizer needs --vocab-size >= 2")
+    if t != "TikTokenizer":
+        explicit = getattr(args, "explicit_flags", None) or ()
+        for dest, flag in (("tiktoken_num_special_tokens", "--tiktoken-num-special-tokens"),
+                           ("special_tokens", "--tokenizer-special-tokens")):
+            if dest in explicit:
+                _fail(f"{flag} is read by TikTokenizer only, not --tokenizer-type {t}")
+        if args.tiktoken_pattern is not None:
+            warnings.warn(f"--tiktoken-pattern {args.tiktoken_pattern} has no effect with --tokenizer-type {t} "
+                          "(Megatron ignores it there too)")
 
 
 def _check_data_path(paths: List[str], flag: str = "--data-path") -> None:

@@ -28,29 +28,20 @@ IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- tokenizers
-class NullTokenizer:
-    """No text, only a vocabulary size (Megatron's ``NullTokenizer``, for mock data and benchmarks).
-
-    The end-of-document id is the last id (``vocab_size - 1``)."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = int(vocab_size)
-        self.eod = self.vocab_size - 1
-        self.pad = None
-
-    def tokenize(self, text: str):
-        return [int(t) for t in text.split()]
-
-    def detokenize(self, ids) -> str:
-        return " ".join(str(int(i)) for i in ids)
-
-
 def build_tokenizer_for_args(args):
-    if args.tokenizer_type == "NullTokenizer":
-        return NullTokenizer(args.vocab_size)
-    from megatron_slung.data.tokenizers import build_tokenizer
+    """The tokenizer Megatron's flags name (``--tokenizer-type`` and its files; the same as tools/preprocess_data.py)."""
+    from megatron_slung.data.tokenizers import build_tokenizer, tokenizer_kwargs
 
-    return build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, **tokenizer_kwargs(args))
+
+
+def tokenizer_files(args) -> str:
+    """The flags naming the tokenizer's files, for messages."""
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        return f"--vocab-file {args.vocab_file} --merge-file {args.merge_file}"
+    if args.tokenizer_type == "NullTokenizer":
+        return f"--vocab-size {args.vocab_size}"
+    return f"--tokenizer-model {args.tokenizer_model}"
 
 
 # --------------------------------------------------------------------------- mock data
@@ -240,11 +231,11 @@ def check_inputs(args) -> CheckedInputs:
 
     try:
         tokenizer = build_tokenizer_for_args(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: cannot load the {args.tokenizer_type}: "
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        raise ArgumentError(f"{tokenizer_files(args)}: cannot load the {args.tokenizer_type}: "
                             f"{_one_line(e)}") from None
     vocab = int(tokenizer.vocab_size)
-    if args.tokenizer_type != "NullTokenizer" and args.vocab_size is not None and args.vocab_size != vocab:
+    if args.tokenizer_type not in ("NullTokenizer", "TikTokenizer") and args.vocab_size is not None and args.vocab_size != vocab:
         raise ArgumentError(f"--vocab-size {args.vocab_size} contradicts the tokenizer {args.tokenizer_model}, which "
                             f"has {vocab} tokens; leave --vocab-size out (it is for NullTokenizer)")
     if args.eod_mask_loss and getattr(tokenizer, "eod", None) is None:
@@ -285,7 +276,7 @@ def check_inputs(args) -> CheckedInputs:
             found = token_id_range(indexed, args.data_cache_path)
             if found is not None and (found[0] < 0 or found[1] >= vocab):
                 which = (f"--vocab-size {vocab}" if args.tokenizer_type == "NullTokenizer"
-                         else f"the tokenizer {args.tokenizer_model}")
+                         else f"the tokenizer ({tokenizer_files(args)})")
                 what = (f"holds a negative token id ({found[0]})" if found[0] < 0 else
                         f"holds token ids up to {found[1]}, but {which} has {vocab} tokens (ids 0..{vocab - 1})")
                 raise ArgumentError(f"{flag} {prefix}: {what}; preprocess the data with this tokenizer, or train "

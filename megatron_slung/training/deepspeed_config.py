@@ -16,6 +16,10 @@ Who does what (the decision, and why):
   its checkpoints. A JSON with an ``optimizer`` or ``scheduler`` section is rejected: the flags would
   silently lose. Everything else in a user's JSON (bucket sizes, offload, communication settings,
   ``pipeline`` options...) is passed through untouched.
+* Megatron's ``--use-distributed-optimizer`` is ZeRO stage 1 (the optimizer state sharded over the
+  data-parallel ranks); ``--overlap-grad-reduce`` is ``zero_optimization.overlap_comm`` (refused where DeepSpeed
+  would not overlap: ZeRO 0, pipelines, bf16 ZeRO-1 with fp32 accumulation); ``--overlap-param-gather`` is ZeRO
+  3's parameter prefetch (refused at ZeRO 1/2). See ``arguments.check_overlap_settings``.
 * ``steps_per_print`` is set very high: the trainer logs itself (see ``logging.py``).
 * bf16 with ZeRO 1 uses fp32 gradient accumulation (``data_types.grad_accum_dtype``: DeepSpeed's
   ``BF16_Optimizer``, the recommended setting with pipelines); bf16 with ZeRO 0 keeps DeepSpeed's default
@@ -161,9 +165,15 @@ def check_user_config(user: Dict[str, Any], args: argparse.Namespace, source: st
 
 def resolve_deepspeed_config(args: argparse.Namespace) -> Dict[str, Any]:
     """The config DeepSpeed gets: generated from ``args``, or ``--deepspeed-config`` checked against it."""
+    from megatron_slung.training.arguments import check_overlap_settings
+
     if args.deepspeed_config is None:
         if args.clip_grad is None:
             args.clip_grad = 1.0
-        return build_deepspeed_config(args)
+        config = build_deepspeed_config(args)
+        check_overlap_settings(args, config, "the generated DeepSpeed config")
+        return config
     path = args.deepspeed_config
-    return check_user_config(read_json_config(path), args, f"--deepspeed-config {path}")
+    config = check_user_config(read_json_config(path), args, f"--deepspeed-config {path}")
+    check_overlap_settings(args, config, f"--deepspeed-config {path}")
+    return config

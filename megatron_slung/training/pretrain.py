@@ -29,6 +29,8 @@ they need no extra scaling.
 
 from __future__ import annotations
 
+import datetime
+
 import math
 import sys
 import time
@@ -72,7 +74,8 @@ def gpt_config_from_args(args, padded_vocab_size: int):
         norm_epsilon=args.norm_epsilon, init_method_std=args.init_method_std, init_seed=args.seed,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-        sequence_parallel=args.sequence_parallel, recompute_activations=args.recompute_activations,
+        sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
         position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
         normalization=args.normalization, apply_layernorm_1p=args.apply_layernorm_1p,
         qk_layernorm=args.qk_layernorm, swiglu=args.swiglu, openai_gelu=args.openai_gelu,
@@ -196,7 +199,8 @@ def setup(args, device: torch.device, tokenizer=None) -> Trainer:
 
     if args.fp16 and device.type != "cuda":
         raise ArgumentError("--fp16 needs a CUDA GPU (DeepSpeed has no fp16 on the CPU); use --bf16 or fp32")
-    state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                    timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     pp_rank = state.get_pipeline_model_parallel_rank()
     # Megatron's seeding: a different default seed per pipeline stage; the TP tracker offsets by TP rank.
