@@ -357,6 +357,8 @@ def apply_full_state(engine, config, full: FullState, *, optimizer: bool = True)
     torch_optimizer = None if zero or hasattr(wrapper, "fp32_groups_flat") else getattr(wrapper, "optimizer", wrapper)
     if torch_optimizer is not None and not isinstance(torch_optimizer, torch.optim.Optimizer):
         torch_optimizer = wrapper
+    if with_moments and torch_optimizer is None and zero:
+        _create_flat_states(wrapper, full.step)
     with torch.no_grad():
         for name, param in _local_parameters(engine, config):
             if name not in full.weights:
@@ -390,6 +392,21 @@ def apply_full_state(engine, config, full: FullState, *, optimizer: bool = True)
                 if "step" in s:
                     s["step"] = torch.full_like(torch.as_tensor(s["step"]), float(full.step)) \
                         if torch.is_tensor(s["step"]) else full.step
+
+
+def _create_flat_states(wrapper, step: int) -> None:
+    """Adam's state of each flat fp32 partition, made as torch's AdamW makes it at its first step (DeepSpeed's
+    ZeRO optimizers create it lazily, and link each parameter's fragment of it after), so that the moments
+    can be written before any step."""
+    base = wrapper.optimizer
+    flats = [p for group in base.param_groups for p in group["params"]]
+    for flat in flats:
+        if not base.state.get(flat):
+            on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+            base.state[flat] = {"step": torch.tensor(float(step), device=flat.device if on_device else "cpu"),
+                                **{m: torch.zeros_like(flat, memory_format=torch.preserve_format) for m in MOMENTS}}
+    if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1-2, bf16: link the fragments now
+        wrapper._lazy_init_hp_params_optimizer_state()
 
 
 def _apply_fp16_optimizer(wrapper, full: Optional[FullState], local, named) -> None:
