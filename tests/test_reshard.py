@@ -56,3 +56,49 @@ def test_a_checkpoint_resumes_at_another_layout(tmp_path, case, capfd):
     out = capfd.readouterr().out
     assert "converting checkpoint" in out and " -> " in out  # said in one line
     _assert_continues(resumed, uninterrupted, tol)
+
+
+@pytest.mark.slow
+def test_the_offline_tool_writes_a_checkpoint_the_new_layout_loads_without_converting(tmp_path, capfd):
+    """TP 2 -> tools/reshard_checkpoint.py -> PP 2 at ZeRO 1: DeepSpeed loads it as its own, the run continues."""
+    save, out = tmp_path / "save", tmp_path / "out"
+    uninterrupted = _train(2, TP2 + ["--save", save, "--save-interval", "3"])
+    tool = subprocess.run([sys.executable, "tools/reshard_checkpoint.py", "--load", str(save), "--ckpt-step", "3",
+                           "--save", str(out), "--tensor-model-parallel-size", "1",
+                           "--pipeline-model-parallel-size", "2", "--zero-stage", "1"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert tool.returncode == 0, tool.stderr[-3000:]
+    assert "TP 2 x PP 1 x DP 1, ZeRO 0 -> TP 1 x PP 2 x DP 1, ZeRO 1" in tool.stdout
+    assert (out / "latest").read_text().strip() == "iter_0000003"
+    capfd.readouterr()
+    resumed = _train(2, PP2 + ["--zero-stage", "1", "--load", out])
+    assert "converting checkpoint" not in capfd.readouterr().out  # saved at this layout: loaded as it is
+    _assert_continues(resumed, uninterrupted, 1e-4)
+
+
+def test_the_offline_tool_refuses_a_layout_that_cannot_hold_the_model_before_reading_weights(tmp_path, capsys):
+    from megatron_slung.training import checkpointing as ckpt
+    from tools import reshard_checkpoint
+
+    # a checkpoint with its records and no weight file at all
+    arch = {"version": ckpt.ARCHITECTURE_VERSION, "padded_vocab_size": 256, "tokenizer_vocab_size": 256,
+            "make_vocab_size_divisible_by": 128,
+            "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+                      "ffn_hidden_size": 96, "kv_channels": 16}}
+    tag = tmp_path / "save" / "iter_0000003"
+    tag.mkdir(parents=True)
+    torch_state = {"format_version": ckpt.FORMAT_VERSION, "iteration": 3, "args_json": "{}", "scheduler": {},
+                   "model_architecture": arch, "layout": ckpt.layout(1, 1, 1, 0, False)}
+    import torch
+
+    torch.save(torch_state, tag / ckpt.STATE_FILE)
+    (tmp_path / "save" / "latest").write_text("iter_0000003\n")
+    for flags, message in [(["--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "1"],
+                            "--tensor-model-parallel-size 4 cannot hold the checkpoint's model: its num-query-groups "
+                            "(2) is not divisible by 4"),
+                           (["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "3"],
+                            "--pipeline-model-parallel-size 3 cannot hold the checkpoint's model: its num-layers (4) "
+                            "is not divisible by 3")]:
+        rc = reshard_checkpoint.main(["--load", str(tmp_path / "save"), "--save", str(tmp_path / "out")] + flags)
+        assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
