@@ -65,9 +65,12 @@ def _worker(rank, world, port, args):
 
     quiet = (lambda *a, **k: None) if rank else print
     try:
+        t0 = time.perf_counter()
         engine = _engine(args)
+        t1 = time.perf_counter()
         loaded = checkpointing.load_checkpoint(engine, args.meta.path, load_optimizer=args.meta.saved_optimizer,
                                                 load_rng=args.meta.saved_rng, log=quiet)
+        t2 = time.perf_counter()
         train_state = {k: v for k, v in loaded.items() if k not in ("args", "format_version", "iteration",
                                                                      "saved_optimizer", "saved_rng")}
         train_state["layout"] = checkpointing.layout(args.tensor_model_parallel_size,
@@ -79,7 +82,8 @@ def _worker(rank, world, port, args):
             "sequence_parallel", "gradient_accumulation_steps", "world_size")})
         path = checkpointing.save_checkpoint(engine, args.save, int(loaded["iteration"]), train_state, saved_args,
                                              save_optim=args.meta.saved_optimizer, save_rng=args.meta.saved_rng)
-        quiet(f"saved {path}")
+        quiet(f"saved {path}; rank 0: build the model and engine {t1 - t0:.1f} s, read and convert "
+              f"{t2 - t1:.1f} s, save {time.perf_counter() - t2:.1f} s")
     finally:
         if state.model_parallel_is_initialized():
             state.destroy_model_parallel()

@@ -778,6 +778,10 @@ def _load_converted(engine, meta: CheckpointMetadata, now: dict, *, load_optimiz
     from megatron_slung.training import reshard
 
     path = meta.path
+    if meta.args.get("fp16"):
+        raise reshard.ReshardError(f"{path} was saved with --fp16 at {reshard.describe(meta.layout)}: converting its "
+                                   "state (loss scaler included) to another layout is not supported; resume it at "
+                                   "that layout")
     log(f"converting checkpoint {path}: {reshard.describe(meta.layout)} -> {reshard.describe(now)}")
     config = engine.module.config
     with_optimizer = load_optimizer and meta.saved_optimizer

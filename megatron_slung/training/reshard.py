@@ -178,6 +178,11 @@ def _read_zero0(path: str, order: Dict[str, torch.Tensor], want_optimizer: bool)
                     moments[m][n] = base["state"][g][m][offset:offset + size].view(shape).float()
                 offset += size
         return weights, moments, _step_of(base["state"])
+    # bf16 at ZeRO 0 with a torch optimizer: DeepSpeed's FP16_UnfusedOptimizer, an fp32 copy per parameter
+    # (``fp32_groups``) that the torch optimizer steps; else the torch optimizer's own state dict (fp32)
+    masters = opt.get("fp32_groups")
+    if masters is not None:
+        opt = opt["optimizer_state_dict"]
     if "state" not in opt or "param_groups" not in opt:
         raise ReshardError(f"{path}: an optimizer state this conversion does not know (keys {sorted(opt)[:6]})")
     saved_groups = [g["params"] for g in opt["param_groups"]]
@@ -185,8 +190,10 @@ def _read_zero0(path: str, order: Dict[str, torch.Tensor], want_optimizer: bool)
         raise ReshardError(f"{path}: the optimizer has groups of {[len(g) for g in saved_groups]} parameters, the "
                            f"model's stage {[len(g) for g in groups]}")
     moments = {m: {} for m in MOMENTS}
-    for names, ids in zip(groups, saved_groups):
-        for n, i in zip(names, ids):
+    for g, (names, ids) in enumerate(zip(groups, saved_groups)):
+        for j, (n, i) in enumerate(zip(names, ids)):
+            if masters is not None:
+                weights[n] = masters[g][j].float()
             s = opt["state"].get(i)
             if s is None:  # never stepped: zero moments, as Adam starts
                 s = {m: torch.zeros_like(order[n], dtype=torch.float32) for m in MOMENTS}
@@ -354,9 +361,16 @@ def apply_full_state(engine, config, full: FullState, *, optimizer: bool = True)
 
     wrapper = engine.optimizer
     zero = engine.zero_optimization_stage()
-    torch_optimizer = None if zero or hasattr(wrapper, "fp32_groups_flat") else getattr(wrapper, "optimizer", wrapper)
-    if torch_optimizer is not None and not isinstance(torch_optimizer, torch.optim.Optimizer):
-        torch_optimizer = wrapper
+    # ZeRO 0: the torch optimizer steps the parameters themselves (fp32), or an fp32 copy of each
+    # (bf16: DeepSpeed's FP16_UnfusedOptimizer, ``fp32_groups``); ``master_of`` finds the tensor it steps.
+    torch_optimizer, master_of = None, {}
+    if not zero and not hasattr(wrapper, "fp32_groups_flat"):
+        torch_optimizer = wrapper if isinstance(wrapper, torch.optim.Optimizer) else wrapper.optimizer
+        if hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):
+            master_of = {id(lp): hp for lps, hps in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+                         for lp, hp in zip(lps, hps)}
+        while not isinstance(torch_optimizer, torch.optim.Optimizer) and hasattr(torch_optimizer, "optimizer"):
+            torch_optimizer = torch_optimizer.optimizer
     if with_moments and torch_optimizer is None and zero:
         _create_flat_states(wrapper, full.step)
     with torch.no_grad():
@@ -374,12 +388,15 @@ def apply_full_state(engine, config, full: FullState, *, optimizer: bool = True)
                     raise ReshardError(f"{name}: the checkpoint's slice has shape {tuple(weight.shape)}, this rank's "
                                        f"parameter {tuple(param.shape)}")
                 param.data.copy_(weight.to(param.dtype))
+            master = master_of.get(id(param), param)
+            if master is not param:
+                master.data.copy_(weight.to(master.device, master.dtype))
             safe_set_full_fp32_param(param, weight.to(param.device))
             if with_moments:
                 moments = {m: local(full.moments[m][name], name).to(param.device) for m in MOMENTS}
                 if torch_optimizer is not None:  # ZeRO 0, fp32: the torch optimizer's own per-parameter state
                     step_device = param.device if torch_optimizer.defaults.get("fused") else "cpu"
-                    torch_optimizer.state[param] = {"step": torch.tensor(float(full.step), device=step_device),
+                    torch_optimizer.state[master] = {"step": torch.tensor(float(full.step), device=step_device),
                                                     **{m: v.clone() for m, v in moments.items()}}
                 else:
                     for m, v in moments.items():
