@@ -26,7 +26,9 @@ model, the padded vocabulary size, the tokenizer's vocabulary size and ``--make-
 ``layout`` (TP, PP, DP, world size, ZeRO stage, sequence parallel). ``read_checkpoint_metadata(path)`` reads
 them without touching a weight (older checkpoints: from their saved arguments). Before anything is built,
 ``resolve_load(args)`` compares the run's flags with them: a model flag not given is adopted from the
-checkpoint (one line says which), a flag that contradicts it is refused naming both values.
+checkpoint (one line says which), a flag that contradicts it is refused naming both values, and a layout
+that cannot hold the model is refused; a checkpoint saved at another layout is converted on load
+(``training/reshard.py``).
 
 Loading never unpickles arbitrary objects. Our files are read with ``torch.load(weights_only=True)``.
 DeepSpeed reads its own files with ``torch.load(weights_only=False)`` (``TorchCheckpointEngine.load`` and a
@@ -722,6 +724,7 @@ def load_checkpoint(engine, load: str, *, load_optimizer: bool = True, load_rng:
     """Load the checkpoint ``load`` names into ``engine``; return our train state (None: no checkpoint).
 
     ``finetune``: the weights only (no optimizer, RNG or position). Collective: every rank calls it.
+    A checkpoint saved at another layout (``reshard.needs_conversion``) is converted (``_load_converted``).
     """
     found = find_checkpoint(load)
     if found is None:
