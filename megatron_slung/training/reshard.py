@@ -73,7 +73,17 @@ def needs_conversion(saved: dict, now: dict) -> bool:
     keys = ["tensor_model_parallel_size", "pipeline_model_parallel_size", "zero_stage"]
     if int(now["zero_stage"]) > 0:
         keys.append("data_parallel_size")
-    return any(int(saved[k]) != int(now[k]) for k in keys)
+    return any(_saved_size(saved, k) != int(now[k]) for k in keys)
+
+
+# What an older record (rebuilt from the saved arguments, or an import's) leaves out means the default layout.
+_LAYOUT_DEFAULTS = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "data_parallel_size": 1,
+                    "zero_stage": 0}
+
+
+def _saved_size(saved: dict, key: str) -> int:
+    value = saved.get(key)
+    return _LAYOUT_DEFAULTS[key] if value is None else int(value)
 
 
 # --------------------------------------------------------------------------- pipeline names
@@ -278,8 +288,9 @@ def read_full_state(ckpt_dir: str, config, saved_layout: dict, partition_method:
     ``optimizer`` False: the weights only (the module's, or ZeRO 3's fp32 partitions)."""
     from megatron_slung.model.gpt import pipeline_layer_prefixes, tensor_parallel_layout
 
-    tp, pp = int(saved_layout["tensor_model_parallel_size"]), int(saved_layout["pipeline_model_parallel_size"])
-    stage = int(saved_layout["zero_stage"])
+    tp, pp = (_saved_size(saved_layout, "tensor_model_parallel_size"),
+              _saved_size(saved_layout, "pipeline_model_parallel_size"))
+    stage = _saved_size(saved_layout, "zero_stage")
     prefixes = pipeline_layer_prefixes(config)
     to_gpt = (lambda n: gpt_name(n, prefixes)) if pp > 1 else (lambda n: n[len("module."):] if n.startswith("module.") else n)
     parts = pipeline_parts(config, pp, partition_method) if pp > 1 else None
