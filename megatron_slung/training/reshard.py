@@ -427,12 +427,19 @@ def _create_flat_states(wrapper, step: int) -> None:
     ZeRO optimizers create it lazily, and link each parameter's fragment of it after), so that the moments
     can be written before any step."""
     base = wrapper.optimizer
-    flats = [p for group in base.param_groups for p in group["params"]]
+    # the tensors the torch optimizer steps: ZeRO 3 swaps its sub-groups into param_groups one at a time
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flats = getattr(wrapper, attr, None)
+        if flats is not None:
+            break
+    else:
+        flats = [p for group in base.param_groups for p in group["params"]]
+    on_device = base.defaults.get("fused") or base.defaults.get("capturable")
     for flat in flats:
-        if not base.state.get(flat):
-            on_device = base.defaults.get("fused") or base.defaults.get("capturable")
-            base.state[flat] = {"step": torch.tensor(float(step), device=flat.device if on_device else "cpu"),
-                                **{m: torch.zeros_like(flat, memory_format=torch.preserve_format) for m in MOMENTS}}
+        state = base.state[flat]
+        state.setdefault("step", torch.tensor(float(step), device=flat.device if on_device else "cpu"))
+        for m in MOMENTS:
+            state.setdefault(m, torch.zeros_like(flat, memory_format=torch.preserve_format))
     if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1-2, bf16: link the fragments now
         wrapper._lazy_init_hp_params_optimizer_state()
 
