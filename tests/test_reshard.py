@@ -6,7 +6,6 @@ DP / ZeRO change, and within 1e-4 (reduction order) when TP or PP change. Real g
 bf16 case).
 """
 
-import os
 import subprocess
 import sys
 

@@ -292,7 +292,12 @@ def read_full_state(ckpt_dir: str, config, saved_layout: dict, partition_method:
               _saved_size(saved_layout, "pipeline_model_parallel_size"))
     stage = _saved_size(saved_layout, "zero_stage")
     prefixes = pipeline_layer_prefixes(config)
-    to_gpt = (lambda n: gpt_name(n, prefixes)) if pp > 1 else (lambda n: n[len("module."):] if n.startswith("module.") else n)
+    if pp > 1:
+        def to_gpt(n):
+            return gpt_name(n, prefixes)
+    else:
+        def to_gpt(n):
+            return n[len("module."):] if n.startswith("module.") else n
     parts = pipeline_parts(config, pp, partition_method) if pp > 1 else None
     # per TP rank: GPTModel name -> tensor, over all stages (the tied embedding's copy on the last stage is the
     # first stage's: DeepSpeed keeps them equal)
@@ -331,8 +336,9 @@ def read_full_state(ckpt_dir: str, config, saved_layout: dict, partition_method:
             continue
         names = set(shards[0][key])
         if names != set(layout_rules):
-            raise ReshardError(f"{ckpt_dir}: the saved parameters do not match the model: missing "
-                               f"{sorted(set(layout_rules) - names)[:4]}, unexpected {sorted(names - set(layout_rules))[:4]}")
+            missing, unexpected = sorted(set(layout_rules) - names)[:4], sorted(names - set(layout_rules))[:4]
+            raise ReshardError(f"{ckpt_dir}: the saved parameters do not match the model: missing {missing}, "
+                               f"unexpected {unexpected}")
         for name, (dim, fused) in layout_rules.items():
             pieces = [s[key][name] for s in shards]
             full[key][name] = pieces[0] if dim is None else merge_tensor_parallel_shards(pieces, dim, fused)
@@ -454,7 +460,8 @@ def _apply_fp16_optimizer(wrapper, full: Optional[FullState], local, named) -> N
         st = base.state.get(flat)
         for p in params:
             name, size = by_param[id(p)], p.numel()
-            flat.data[offset:offset + size].copy_(local(full.weights[name], name).flatten() if full else p.float().flatten())
+            value = local(full.weights[name], name) if full else p.float()
+            flat.data[offset:offset + size].copy_(value.flatten())
             if full is not None:
                 if not st:
                     st = base.state[flat] = {"step": torch.tensor(0.0),
