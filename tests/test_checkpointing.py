@@ -278,10 +278,21 @@ def test_a_checkpoint_recorded_before_the_architecture_switches_loads_as_the_lla
     assert not any(n.endswith(".bias") or "position_embeddings" in n for n in names)
 
 
-def test_another_tensor_parallel_layout_is_refused_before_loading(tmp_path):
-    _checkpoint_with(tmp_path, tp=2, num_attention_heads=4, num_query_groups=2)
-    with pytest.raises(ArgumentError, match="was saved at --tensor-model-parallel-size 2, this run has 1"):
-        parse_args(RUN + ["--load", str(tmp_path / "ckpt")], world_size=1)
+def test_another_layout_is_accepted_and_one_that_cannot_hold_the_model_refused_before_loading(tmp_path):
+    """A checkpoint saved at TP 2 resumes at TP 1 (converted on load, tests/test_reshard.py); a layout whose
+    sizes do not divide the checkpoint's model is refused naming the value, with no weight file there at all."""
+    path = _checkpoint_with(tmp_path, tp=2, num_attention_heads=4, num_query_groups=2, num_layers=2)
+    os.remove(os.path.join(path, "model.pt"))
+    parse_args(RUN + ["--load", str(tmp_path / "ckpt")], world_size=1)
+    for flags, world, message in [
+        (["--tensor-model-parallel-size", "4"], 4, "--tensor-model-parallel-size 4 cannot hold the checkpoint's "
+                                                   r"model: its num-query-groups \(2\) is not divisible by 4"),
+        (["--tensor-model-parallel-size", "3"], 3, r"its num-attention-heads \(4\) is not divisible by 3"),
+        (["--pipeline-model-parallel-size", "4"], 4, r"--pipeline-model-parallel-size 4 cannot hold the "
+                                                     r"checkpoint's model: its num-layers \(2\) is not divisible"),
+    ]:
+        with pytest.raises(ArgumentError, match=message):
+            parse_args(RUN + ["--load", str(tmp_path / "ckpt")] + flags, world_size=world)
 
 
 def test_the_padded_vocabulary_is_the_checkpoints_or_refused(tmp_path):

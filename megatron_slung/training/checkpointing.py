@@ -26,7 +26,9 @@ model, the padded vocabulary size, the tokenizer's vocabulary size and ``--make-
 ``layout`` (TP, PP, DP, world size, ZeRO stage, sequence parallel). ``read_checkpoint_metadata(path)`` reads
 them without touching a weight (older checkpoints: from their saved arguments). Before anything is built,
 ``resolve_load(args)`` compares the run's flags with them: a model flag not given is adopted from the
-checkpoint (one line says which), a flag that contradicts it is refused naming both values.
+checkpoint (one line says which), a flag that contradicts it is refused naming both values, and a layout
+that cannot hold the model is refused; a checkpoint saved at another layout is converted on load
+(``training/reshard.py``).
 
 Loading never unpickles arbitrary objects. Our files are read with ``torch.load(weights_only=True)``.
 DeepSpeed reads its own files with ``torch.load(weights_only=False)`` (``TorchCheckpointEngine.load`` and a
@@ -571,12 +573,7 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
                             f"give --save {load} as well")
 
     where = f"--load {meta.path}"
-    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        saved = meta.layout.get(key)
-        if saved is not None and int(saved) != getattr(args, key):
-            raise ArgumentError(f"{where} was saved at {_flag(key)} {saved}, this run has {getattr(args, key)}; "
-                                f"loading at another tensor/pipeline layout is not supported: use {_flag(key)} "
-                                f"{saved} (or re-split it: tools/convert_to_hf.py, then tools/convert_from_hf.py)")
+    check_layout_possible(meta, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, where)
 
     if meta.release and not args.finetune:  # Megatron: a release checkpoint is always loaded as --finetune
         args.finetune = True
@@ -645,6 +642,24 @@ def resolve_load(args, explicit) -> Tuple[Optional[CheckpointMetadata], List[str
     return meta, notes
 
 
+def check_layout_possible(meta: CheckpointMetadata, tp: int, pp: int, where: str) -> None:
+    """The checkpoint's model can be split over ``tp`` x ``pp`` (any layout it was saved at is converted on
+    load): refused naming the value otherwise, before any weight is read."""
+    from megatron_slung.training.arguments import ArgumentError
+
+    model = meta.model()
+    rows = meta.architecture.get("padded_vocab_size")
+    checks = [("num-attention-heads", model.get("num_attention_heads"), tp, "tensor"),
+              ("num-query-groups", model.get("num_query_groups"), tp, "tensor"),
+              ("ffn-hidden-size", model.get("ffn_hidden_size"), tp, "tensor"),
+              ("padded vocabulary size", rows, tp, "tensor"),
+              ("num-layers", model.get("num_layers"), pp, "pipeline")]
+    for what, value, size, kind in checks:
+        if value is not None and int(value) % size != 0:
+            raise ArgumentError(f"{where}: --{kind}-model-parallel-size {size} cannot hold the checkpoint's model: its "
+                                f"{what} ({value}) is not divisible by {size}")
+
+
 def resolve_padded_vocab(meta: Optional[CheckpointMetadata], args, explicit,
                          tokenizer_vocab_size: int) -> Tuple[int, Optional[str]]:
     """The padded vocabulary size of the model to build, and a line to print (or None).
@@ -709,6 +724,7 @@ def load_checkpoint(engine, load: str, *, load_optimizer: bool = True, load_rng:
     """Load the checkpoint ``load`` names into ``engine``; return our train state (None: no checkpoint).
 
     ``finetune``: the weights only (no optimizer, RNG or position). Collective: every rank calls it.
+    A checkpoint saved at another layout (``reshard.needs_conversion``) is converted (``_load_converted``).
     """
     found = find_checkpoint(load)
     if found is None:
@@ -716,6 +732,13 @@ def load_checkpoint(engine, load: str, *, load_optimizer: bool = True, load_rng:
         return None
     load_dir, tag = found
     path = os.path.join(load_dir, tag)
+    meta = read_checkpoint_metadata(path)
+    now = current_layout(engine)
+    from megatron_slung.training import reshard
+
+    if reshard.needs_conversion(meta.layout, now):
+        return _load_converted(engine, meta, now, load_optimizer=load_optimizer and not finetune,
+                               load_rng=load_rng, finetune=finetune, log=log)
     with safe_torch_load():
         loaded_path, _client = engine.load_checkpoint(
             load_dir, tag=tag, load_module_strict=True,
@@ -734,5 +757,56 @@ def load_checkpoint(engine, load: str, *, load_optimizer: bool = True, load_rng:
             set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
         else:
             log(f"{rng_path} is missing (a different number of ranks?): RNG states not restored")
+    log(f"loaded checkpoint {path} at iteration {state['iteration']}")
+    return state
+
+
+def current_layout(engine) -> dict:
+    """The layout of the running job (the ``layout`` record's keys), from the process groups and the engine."""
+    from megatron_slung.parallel import state as parallel_state
+
+    config = getattr(engine.module, "config", None)
+    return layout(parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_pipeline_model_parallel_world_size(),
+                  parallel_state.get_data_parallel_world_size(), engine.zero_optimization_stage(),
+                  bool(getattr(config, "sequence_parallel", False)))
+
+
+def _load_converted(engine, meta: CheckpointMetadata, now: dict, *, load_optimizer: bool, load_rng: bool,
+                    finetune: bool, log=print) -> dict:
+    """Load a checkpoint saved at another layout: read it as full tensors (``reshard.read_full_state``), put
+    this rank's slices into the engine. The per-rank RNG states belong to the old layout's ranks: instead the
+    streams (python, numpy, torch, the model-parallel tracker) are re-seeded from the saved ``--seed``, this
+    rank's pipeline stage and the iteration, as Megatron-DeepSpeed does after a universal-checkpoint load."""
+    from megatron_slung.training import reshard
+
+    path = meta.path
+    if meta.args.get("fp16"):
+        raise reshard.ReshardError(f"{path} was saved with --fp16 at {reshard.describe(meta.layout)}: converting its "
+                                   "state (loss scaler included) to another layout is not supported; resume it at "
+                                   "that layout")
+    log(f"converting checkpoint {path}: {reshard.describe(meta.layout)} -> {reshard.describe(now)}")
+    config = engine.module.config
+    with_optimizer = load_optimizer and meta.saved_optimizer
+    full = reshard.read_full_state(path, config, meta.layout, meta.args.get("pipeline_partition_method") or "uniform",
+                                   optimizer=with_optimizer)
+    reshard.apply_full_state(engine, config, full, optimizer=with_optimizer)
+    state = load_train_state(path)
+    if finetune:
+        log(f"loaded the weights of {path} (--finetune: iteration, optimizer and data position start afresh)")
+        return {"iteration": 0, "finetune_from": path, "args": state["args"]}
+    engine.global_steps = int(state["iteration"])
+    engine.global_samples = int(state.get("consumed_train_samples", 0))
+    if load_rng:
+        from megatron_slung.parallel import state as parallel_state
+        from megatron_slung.parallel.random import model_parallel_manual_seed
+
+        seed = int(meta.args.get("seed", 1234)) + 100 * parallel_state.get_pipeline_model_parallel_rank() \
+            + int(state["iteration"])
+        random.seed(seed)
+        np.random.seed(seed)
+        model_parallel_manual_seed(seed)
+        log(f"RNG: the saved per-rank states belong to the old layout; re-seeded from --seed, the pipeline stage "
+            f"and iteration {state['iteration']} (dropout masks differ from an unbroken run)")
     log(f"loaded checkpoint {path} at iteration {state['iteration']}")
     return state
