@@ -220,3 +220,18 @@ def test_no_mmap_bin_files_reads_the_same_samples(tmp_path):
     for i in range(20):
         assert all(torch.equal(a[i][k], b[i][k]) for k in a[i])
 
+
+
+@pytest.mark.distributed
+def test_step_batch_size_schedule_by_tokens_with_train_iters():
+    """Megatron's --step-batch-size-schedule (thresholds in tokens: 256 tokens = 8 samples of 32): global batches
+    4, 4, then 8 from 8 consumed samples on, with --train-iters; each batch the next G_k samples."""
+    i = SAMPLE_TINY.index("--global-batch-size")
+    flags = SAMPLE_TINY[:i] + SAMPLE_TINY[i + 2:] + ["--step-batch-size-schedule", "0:4 256:8", "--train-iters", "5"]
+    res = run_distributed(_ramp_body, 1, args=(flags,))[0]
+    assert [s["gas"] for s in res["steps"]] == [2, 2, 4, 4, 4]
+    consumed = 0
+    for step, size in zip(res["steps"], [4, 4, 8, 8, 8]):
+        assert sorted(i for mb in step["micro"] for i in mb) == list(range(consumed, consumed + size))
+        consumed += size
+    assert train_records(res["records"])[-1]["consumed_samples"] == consumed == 32

@@ -8,6 +8,7 @@ import torch
 
 from megatron_slung.training.arguments import ArgumentError, parse_args
 from megatron_slung.training.schedules import BatchSizeSchedule, LRScheduler, lr_at, schedule_steps, wd_at
+from tests.pretrain_helpers import TINY
 
 
 def at(n, style, warmup=10, decay=110, max_lr=1.0, min_lr=0.1):
@@ -213,3 +214,37 @@ def test_rampup_in_a_config_file(tmp_path):
     path.write_text("rampup-batch-size: [4, 4, 60]\ntrain-samples: 100\nglobal-batch-size: 16\n")
     args = parse_args(BASE + ["--config", str(path)], world_size=1)
     assert args.rampup_batch_size == [4, 4, 60] and args.train_iters == 12
+
+
+def test_step_batch_size_schedule_parses_megatrons_strings_and_refuses_bad_ones():
+    from megatron_slung.training.schedules import parse_step_batch_size_schedule
+
+    # Megatron's GPT-3 example: thresholds in tokens (suffix B = 1e9), converted to samples with // seq_length
+    steps = parse_step_batch_size_schedule("0:16 2.4B:320 4.8B:624 7.2B:928 9.6B:1232 12B:1536", 2048)
+    assert steps == [(0, 16), (2_400_000_000 // 2048, 320), (4_800_000_000 // 2048, 624),
+                     (7_200_000_000 // 2048, 928), (9_600_000_000 // 2048, 1232), (12_000_000_000 // 2048, 1536)]
+    b = BatchSizeSchedule(1, steps=steps)
+    assert b.global_batch_size == 1536 and b.sizes() == [16, 320, 624, 928, 1232, 1536]
+    assert b.at(0) == 16 and b.at(steps[1][0] - 1) == 16 and b.at(steps[1][0]) == 320 and b.at(10 ** 9) == 1536
+    # the iterations whose batches fit, and the samples after them, agree with a plain loop
+    consumed, it = 0, 0
+    while consumed + b.at(consumed) <= 7_000_000:
+        consumed += b.at(consumed)
+        it += 1
+    assert b.iterations_for(7_000_000) == it and b.samples_after(it) == consumed
+    for bad, why in [("4K:16", "first threshold must be 0"), ("0:16 0:32", "must increase"),
+                     ("0:16 2x:32", "not a number"), ("0-16", "THRESHOLD:BATCH_SIZE"), ("0:0", ">= 1")]:
+        with pytest.raises(ValueError, match=why):
+            parse_step_batch_size_schedule(bad, 2048)
+
+
+def test_step_batch_size_schedule_flag_rules():
+    base = [a for a in TINY] + ["--train-iters", "4"]
+    i = base.index("--global-batch-size")
+    no_gbs = base[:i] + base[i + 2:]
+    args = parse_args(no_gbs + ["--step-batch-size-schedule", "0:2 64:4"], world_size=1)
+    assert args.global_batch_size == 4 and args.step_batch_sizes == [(0, 2), (2, 4)]
+    with pytest.raises(ArgumentError, match="--global-batch-size cannot be used together"):
+        parse_args(base + ["--step-batch-size-schedule", "0:2 64:4"], world_size=1)
+    with pytest.raises(ArgumentError, match="the global batch 3 is not divisible"):
+        parse_args(no_gbs + ["--step-batch-size-schedule", "0:2 64:3"], world_size=1)

@@ -580,6 +580,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     # ---- batch
     mbs = args.micro_batch_size
+    if args.step_batch_size_schedule is not None:
+        _set_step_batch_sizes(args)
     if args.global_batch_size is None:
         args.global_batch_size = mbs * dp
     gbs = args.global_batch_size
@@ -1051,6 +1053,10 @@ def _add_sched_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None, metavar=("START", "INCR", "SAMPLES"),
                    help="global batch START, growing by INCR over SAMPLES samples to --global-batch-size (more "
                         "micro-batches per step; needs --train-samples)")
+    g.add_argument("--step-batch-size-schedule", default=None, metavar='"THRESHOLD:BS ..."',
+                   help='step-wise global batch sizes, e.g. "0:16 2.4B:320 4.8B:624": BS from THRESHOLD consumed tokens '
+                        "on (suffixes K M B T); the first threshold 0; excludes --global-batch-size (Megatron's rule) "
+                        "and --rampup-batch-size")
 
     g = p.add_argument_group("data paths per split and loading (Megatron's)")
     g.add_argument("--train-data-path", nargs="*", default=None,
@@ -1070,14 +1076,45 @@ def _add_sched_args(p: argparse.ArgumentParser) -> None:
                         "causal by construction), with or without the flag")
 
 
+def batch_size_schedule(args: argparse.Namespace):
+    """The run's global batch size per consumed samples (constant, ramp-up or step schedule)."""
+    from megatron_slung.training.schedules import BatchSizeSchedule
+
+    return BatchSizeSchedule(args.global_batch_size, args.rampup_batch_size, getattr(args, "step_batch_sizes", None))
+
+
 def _explicit(args, name: str) -> bool:
     explicit = getattr(args, "explicit_flags", None)
     return name in explicit if explicit is not None else False
 
 
+def _set_step_batch_sizes(args: argparse.Namespace) -> None:
+    """--step-batch-size-schedule: parsed into ``args.step_batch_sizes`` [(threshold samples, size)], and
+    ``--global-batch-size`` becomes its last size (what the run ends with; evaluation batches use it)."""
+    from megatron_slung.training.schedules import parse_step_batch_size_schedule
+
+    if args.global_batch_size is not None:
+        _fail("--step-batch-size-schedule and --global-batch-size cannot be used together (as in Megatron-LM): the "
+              "schedule gives every global batch size")
+    if args.rampup_batch_size is not None:
+        _fail("--step-batch-size-schedule and --rampup-batch-size cannot be used together (Megatron-LM replaced "
+              "the ramp-up by the step schedule)")
+    try:
+        args.step_batch_sizes = parse_step_batch_size_schedule(args.step_batch_size_schedule, args.seq_length)
+    except ValueError as e:
+        _fail(str(e))
+    step = args.micro_batch_size * args.data_parallel_size
+    for _, size in args.step_batch_sizes:
+        if size % step:
+            _fail(f"--step-batch-size-schedule {args.step_batch_size_schedule!r}: the global batch {size} is not "
+                  f"divisible by --micro-batch-size ({args.micro_batch_size}) x data-parallel size "
+                  f"({args.data_parallel_size}) = {step}")
+    args.global_batch_size = args.step_batch_sizes[-1][1]
+
+
 def _validate_sched(args: argparse.Namespace) -> None:
     """Megatron's exclusivity of iteration- and sample-based training, its LR/WD schedule checks, the ramp-up."""
-    from megatron_slung.training.schedules import BatchSizeSchedule, schedule_steps
+    from megatron_slung.training.schedules import schedule_steps
 
     by_samples = args.train_samples is not None
     if args.lr_warmup_iters is None:
@@ -1116,22 +1153,27 @@ def _validate_sched(args: argparse.Namespace) -> None:
 
     # ---- the batch size (before the schedule's lengths, which may need the iterations)
     try:
-        batches = BatchSizeSchedule(args.global_batch_size, args.rampup_batch_size)
+        batches = batch_size_schedule(args)
     except ValueError as e:
         _fail(str(e))
     step = args.micro_batch_size * args.data_parallel_size
     for size in batches.sizes():
         if size % step != 0:
+            what = "--micro-batch-size ({}) x data-parallel size ({}) = {}".format(
+                args.micro_batch_size, args.data_parallel_size, step)
+            if args.step_batch_size_schedule is not None:
+                _fail(f"--step-batch-size-schedule: the global batch {size} is not divisible by {what}")
             start, incr, _ = args.rampup_batch_size
             _fail(f"--rampup-batch-size {start} {incr} ...: the global batch {size} of the ramp is not divisible by "
-                  f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size}) = "
-                  f"{step}; make START and INCR multiples of {step}")
-    if args.rampup_batch_size is not None and args.deepspeed_config is not None:
+                  f"{what}; make START and INCR multiples of {step}")
+    changing = args.rampup_batch_size is not None or args.step_batch_size_schedule is not None
+    if changing and args.deepspeed_config is not None:
         from megatron_slung.training.deepspeed_config import read_json_config
 
         zero = read_json_config(args.deepspeed_config).get("zero_optimization", {})
         if zero.get("offload_optimizer") or zero.get("offload_param"):
-            _fail(f"--rampup-batch-size with --deepspeed-config {args.deepspeed_config}'s ZeRO offload: DeepSpeed's "
+            flag = "--rampup-batch-size" if args.rampup_batch_size is not None else "--step-batch-size-schedule"
+            _fail(f"{flag} with --deepspeed-config {args.deepspeed_config}'s ZeRO offload: DeepSpeed's "
                   "offload sizes its gradient accumulation at start and cannot change it per step")
     if by_samples:  # Megatron: the iterations whose batches fit in --train-samples
         args.train_iters = batches.iterations_for(args.train_samples)

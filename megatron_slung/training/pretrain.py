@@ -43,7 +43,13 @@ import torch.distributed as dist
 from megatron_slung.data.risk import NUM_LEVELS
 from megatron_slung.loss.policy import LossPolicy
 from megatron_slung.training import checkpointing, documents
-from megatron_slung.training.arguments import ArgumentError, args_to_dict, parse_args, world_size_from_env
+from megatron_slung.training.arguments import (
+    ArgumentError,
+    args_to_dict,
+    batch_size_schedule,
+    parse_args,
+    world_size_from_env,
+)
 from megatron_slung.training.data import (
     IGNORE_INDEX,
     CheckedInputs,
@@ -59,7 +65,7 @@ from megatron_slung.training.data import (
 )
 from megatron_slung.training.exit_conditions import ExitConditions
 from megatron_slung.training.logging import NonFiniteLossError, StepStats, TrainingLogger
-from megatron_slung.training.schedules import BatchSizeSchedule, LRScheduler
+from megatron_slung.training.schedules import LRScheduler
 
 
 # --------------------------------------------------------------------------- model and engine
@@ -630,7 +636,7 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
 
     stopped_early = False
     timers = monitor.timers
-    batches = BatchSizeSchedule(args.global_batch_size, args.rampup_batch_size)
+    batches = batch_size_schedule(args)
     monitor.start()
     try:
         while iteration < args.train_iters:

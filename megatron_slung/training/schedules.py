@@ -30,12 +30,19 @@ Batch-size ramp-up (``--rampup-batch-size START INCR SAMPLES``, Megatron's ``Ram
 BatchesCalculator``): the global batch after ``c`` consumed samples is ``START + INCR * int(c / (SAMPLES /
 K))`` (K = (G - START) / INCR increments) while c <= SAMPLES, then G = ``--global-batch-size``. It depends on
 the consumed samples only, so a resumed run continues the ramp exactly.
+
+Step-wise batch sizes (``--step-batch-size-schedule "THRESHOLD:BS ..."``, Megatron's
+``StepBatchsizeNumMicroBatchesCalculator``, which replaced the ramp-up at Megatron-LM HEAD): after ``c``
+consumed samples the global batch is the BS of the last entry whose threshold is <= c. Thresholds are given in
+tokens (suffixes K, M, B, T: 1e3 .. 1e12), converted to samples by ``// --seq-length`` as Megatron's trainer
+does; the first must be 0, and they must increase.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
@@ -192,12 +199,60 @@ class LRScheduler:
 
 
 # --------------------------------------------------------------------------- batch size
-class BatchSizeSchedule:
-    """The global batch size after ``consumed`` samples: constant ``global_batch_size``, or Megatron's ramp-up
-    ``rampup = (start, increment, ramp_samples)`` (see the module docstring)."""
+_SUFFIXES = {"K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9, "T": 10 ** 12}
 
-    def __init__(self, global_batch_size: int, rampup: Optional[tuple] = None):
-        self.global_batch_size = int(global_batch_size)
+
+def _count(text: str, entry: str) -> int:
+    t = text.strip().upper()
+    scale = _SUFFIXES.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale != 1 else t) * scale
+    except ValueError:
+        raise ValueError(f"--step-batch-size-schedule: {entry!r}: {text!r} is not a number (suffixes K, M, B, T)") \
+            from None
+    if value != int(value) or value < 0:
+        raise ValueError(f"--step-batch-size-schedule: {entry!r}: {text!r} is not a whole number >= 0")
+    return int(value)
+
+
+def parse_step_batch_size_schedule(text: str, seq_length: int) -> List[Tuple[int, int]]:
+    """``"0:16 2.4B:320 ..."`` -> ``[(threshold in samples, global batch), ...]`` (thresholds given in tokens,
+    converted with ``// seq_length`` as Megatron does); ValueError naming the entry when malformed."""
+    steps = []
+    for entry in text.replace(",", " ").split():
+        if entry.count(":") != 1:
+            raise ValueError(f"--step-batch-size-schedule: {entry!r} is not THRESHOLD:BATCH_SIZE")
+        threshold, size = entry.split(":")
+        steps.append((_count(threshold, entry) // seq_length, _count(size, entry)))
+    if not steps:
+        raise ValueError("--step-batch-size-schedule: no THRESHOLD:BATCH_SIZE entry")
+    steps.sort()
+    if steps[0][0] != 0:
+        raise ValueError(f"--step-batch-size-schedule {text!r}: the first threshold must be 0 (the batch size from "
+                         "the start)")
+    for (a, _), (b, _) in zip(steps, steps[1:]):
+        if a == b:
+            raise ValueError(f"--step-batch-size-schedule {text!r}: two thresholds fall on sample {a} (thresholds are "
+                             f"tokens, {seq_length} per sample); they must increase")
+    for _, size in steps:
+        if size < 1:
+            raise ValueError(f"--step-batch-size-schedule {text!r}: a batch size must be >= 1, got {size}")
+    return steps
+
+
+class BatchSizeSchedule:
+    """The global batch size after ``consumed`` samples: constant ``global_batch_size``, Megatron's ramp-up
+    ``rampup = (start, increment, ramp_samples)``, or step-wise ``steps = [(threshold samples, size), ...]``
+    (see the module docstring)."""
+
+    def __init__(self, global_batch_size: int, rampup: Optional[tuple] = None,
+                 steps: Optional[Sequence[Tuple[int, int]]] = None):
+        if rampup is not None and steps is not None:
+            raise ValueError("--rampup-batch-size and --step-batch-size-schedule cannot be used together")
+        self.steps = None if steps is None else [(int(t), int(b)) for t, b in steps]
+        self._thresholds = None if steps is None else [t for t, _ in self.steps]
+        # the size once past every step: what the rest of the run (and evaluation) uses
+        self.global_batch_size = int(global_batch_size) if self.steps is None else self.steps[-1][1]
         self.rampup = None if rampup is None else tuple(int(v) for v in rampup)
         if self.rampup is not None:
             start, increment, samples = self.rampup
@@ -210,7 +265,15 @@ class BatchSizeSchedule:
                                  f"of the increment {increment}")
             self._per_increment = samples / (diff // increment) if diff > 0 else None
 
+    def _past_changes(self, consumed_samples: int) -> bool:
+        """From ``consumed_samples`` on, is the size constant (``global_batch_size``)?"""
+        if self.steps is not None:
+            return consumed_samples >= self.steps[-1][0]
+        return self.rampup is None or self._per_increment is None or consumed_samples > self.rampup[2]
+
     def at(self, consumed_samples: int) -> int:
+        if self.steps is not None:
+            return self.steps[bisect.bisect_right(self._thresholds, consumed_samples) - 1][1]
         if self.rampup is None or self._per_increment is None:
             return self.global_batch_size
         start, increment, samples = self.rampup
@@ -220,6 +283,8 @@ class BatchSizeSchedule:
 
     def sizes(self):
         """Every global batch size the schedule can give (to check them against the layout)."""
+        if self.steps is not None:
+            return sorted({size for _, size in self.steps})
         if self.rampup is None:
             return [self.global_batch_size]
         return list(range(self.rampup[0], self.global_batch_size + 1, self.rampup[1]))
@@ -227,7 +292,7 @@ class BatchSizeSchedule:
     def iterations_for(self, train_samples: int) -> int:
         """The iterations whose global batches fit in ``train_samples`` (a partial last batch is dropped)."""
         iterations, consumed = 0, 0
-        while self.rampup is not None and consumed <= self.rampup[2]:  # the ramp, one batch at a time
+        while not self._past_changes(consumed):  # the ramp or the steps, one batch at a time
             size = self.at(consumed)
             if consumed + size > train_samples:
                 return iterations
@@ -238,9 +303,8 @@ class BatchSizeSchedule:
     def samples_after(self, iterations: int) -> int:
         """Samples consumed by the first ``iterations`` global batches."""
         consumed = 0
-        for _ in range(iterations):
-            size = self.at(consumed)
-            if size == self.global_batch_size:  # past the ramp: constant from here
-                return consumed + (iterations - _) * size
-            consumed += size
+        for done in range(iterations):
+            if self._past_changes(consumed):  # constant from here
+                return consumed + (iterations - done) * self.global_batch_size
+            consumed += self.at(consumed)
         return consumed
