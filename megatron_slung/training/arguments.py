@@ -267,7 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_loss_args(p)
     _add_checkpoint_logging_args(p)
+    _add_async_save_args(p)
     return p
+
+
+def _add_async_save_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("asynchronous checkpoint saving")
+    g.add_argument("--async-save", action="store_true",
+                   help="the training loop stops only to copy the checkpoint to host memory; a background thread "
+                        "writes the files (as atomically: `latest` names only complete checkpoints), a second save "
+                        "waits for the first, and the run ends only once the last one is on disk")
+
+
+def _validate_async_save(args: argparse.Namespace) -> None:
+    if args.async_save and args.save is None:
+        _fail("--async-save needs --save DIR")
 
 
 # --------------------------------------------------------------------------- config files
@@ -525,6 +539,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         _fail(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
     if "exit_signal" in getattr(args, "explicit_flags", ()) and not args.exit_signal_handler:
         _fail(f"--exit-signal {args.exit_signal} has no effect without --exit-signal-handler")
+
+    _validate_async_save(args)
 
     # ---- the DeepSpeed config (generated, or the user's checked against everything above)
     from megatron_slung.training.deepspeed_config import resolve_deepspeed_config
