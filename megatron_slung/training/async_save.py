@@ -45,6 +45,10 @@ class AsyncSaveError(RuntimeError):
     """A checkpoint's background write failed (on this rank or another)."""
 
 
+class _OtherRankFailed(AsyncSaveError):
+    """Rank 0's writer found another rank's failure marker (its text: "rank R: ...")."""
+
+
 # --------------------------------------------------------------------------- copy to host memory
 def snapshot(obj, memo: Optional[dict] = None):
     """A copy of ``obj`` (nested dicts, lists, tuples) whose tensors live in host memory of their own.
@@ -58,7 +62,7 @@ def snapshot(obj, memo: Optional[dict] = None):
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        out = _copy_tensor(obj, memo.setdefault("storages", {}))
+        out = _copy_tensor(obj, memo)
     elif isinstance(obj, dict):
         out = memo[id(obj)] = copy.copy(obj)  # keeps the type (OrderedDict...) and the key order
         for key, value in obj.items():
@@ -75,9 +79,10 @@ def snapshot(obj, memo: Optional[dict] = None):
     return out
 
 
-def _copy_tensor(t: torch.Tensor, storages: dict) -> torch.Tensor:
+def _copy_tensor(t: torch.Tensor, memo: dict) -> torch.Tensor:
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
         return copy.deepcopy(t.detach())
+    storages = memo.setdefault("storages", {})
     storage = t.untyped_storage()
     key = storage._cdata  # the storage itself (torch.save shares storages by the same key)
     host = storages.get(key)
@@ -87,8 +92,12 @@ def _copy_tensor(t: torch.Tensor, storages: dict) -> torch.Tensor:
         storages[key] = host
     out = torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
     if isinstance(t, torch.nn.Parameter):
-        return torch.nn.Parameter(out, requires_grad=t.requires_grad)
-    return out.requires_grad_(t.requires_grad) if t.requires_grad else out
+        out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+    elif t.requires_grad:
+        out.requires_grad_(True)
+    if t.__dict__:  # Python attributes (DeepSpeed sets some on its flat groups): torch.save writes them too
+        out.__dict__.update(snapshot(dict(t.__dict__), memo))
+    return out
 
 
 def _capturing_engine(original, sink: list):
@@ -146,7 +155,7 @@ class _Pending:
     def __init__(self, save_dir: str, iteration: int, final_tag: str):
         self.save_dir, self.iteration, self.final_tag = save_dir, iteration, final_tag
         self.thread: Optional[threading.Thread] = None
-        self.error: Optional[str] = None  # this rank's failure, one line
+        self.error: Optional[str] = None  # "rank R: what failed", one line
         self.suffix = 0  # rank 0: the tag got _1, _2 ... (the iteration was saved before)
         self.deleted: List[str] = []  # rank 0: what pruning removed
         self.started = time.perf_counter()
@@ -217,9 +226,10 @@ class AsyncCheckpointSaver:
         failed, unfinished, suffix = (int(v) for v in flags.tolist())
         if failed:
             self.pending = None
-            where = f"on rank {self.rank}: {pending.error}" if pending.error else "on another rank (see its output)"
+            pending.thread.join()  # ends soon: rank 0's once it has read the failing rank's marker
+            what = pending.error or "on another rank (see its output)"
             raise AsyncSaveError(f"--async-save: the background write of checkpoint {pending.final_tag} in "
-                                 f"{pending.save_dir} failed {where}; `latest` still names the previous checkpoint")
+                                 f"{pending.save_dir} failed: {what}; `latest` still names the previous checkpoint")
         if unfinished:
             return
         pending.thread.join()
@@ -266,14 +276,16 @@ class AsyncCheckpointSaver:
                 self._publish(pending, tmp_dir)
         except BaseException as e:  # reported by poll() on every rank
             files.clear()
-            pending.error = f"{type(e).__name__}: {e}".splitlines()[0]
+            failed_here = not isinstance(e, _OtherRankFailed)
+            pending.error = (f"rank {self.rank}: {type(e).__name__}: {e}" if failed_here else str(e)).splitlines()[0]
             if not isinstance(e, (OSError, AsyncSaveError)):
                 traceback.print_exc()
-            try:
-                with open(os.path.join(tmp_dir, FAILED_MARKER.format(self.rank)), "w", encoding="utf-8") as f:
-                    f.write(pending.error)
-            except OSError:
-                pass
+            if failed_here:  # tell rank 0's writer, which waits for this rank's files
+                try:
+                    with open(os.path.join(tmp_dir, FAILED_MARKER.format(self.rank)), "w", encoding="utf-8") as f:
+                        f.write(pending.error)
+                except OSError:
+                    pass
         pending.written_s = time.perf_counter() - pending.started
 
     def _publish(self, pending: _Pending, tmp_dir: str) -> None:
@@ -285,7 +297,7 @@ class AsyncCheckpointSaver:
                 failed = os.path.join(tmp_dir, FAILED_MARKER.format(r))
                 if os.path.exists(failed):
                     with open(failed, encoding="utf-8") as f:
-                        raise AsyncSaveError(f"rank {r}: {f.read().strip()}")
+                        raise _OtherRankFailed(f.read().strip())
                 if os.path.exists(os.path.join(tmp_dir, DONE_MARKER.format(r))):
                     waiting.discard(r)
             if waiting:
