@@ -27,12 +27,29 @@ def _files(path) -> dict:
     return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
 
 
-def _assert_same_checkpoint(sync_dir, async_dir):
-    """DeepSpeed's files and the RNG states byte for byte; our state equal but for the flags."""
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if hasattr(a, "__dict__") and not isinstance(a, type):  # DeepSpeed's loss scaler: no __eq__
+        return type(a) is type(b) and _equal(vars(a), vars(b))
+    return a == b
+
+
+def _assert_same_checkpoint(sync_dir, async_dir, *, byte_for_byte=True):
+    """DeepSpeed's files and the RNG states byte for byte (or their tensors and values equal); our state equal
+    but for the flags."""
     a, b = _files(sync_dir), _files(async_dir)
     assert sorted(a) == sorted(b)
     for name in sorted(set(a) - OURS):
-        assert a[name] == b[name], name
+        if byte_for_byte:
+            assert a[name] == b[name], name
+        else:
+            assert _equal(torch.load(os.path.join(sync_dir, name), weights_only=False),
+                          torch.load(os.path.join(async_dir, name), weights_only=False)), name
     sa, sb = ckpt.load_train_state(sync_dir), ckpt.load_train_state(async_dir)
     assert sb["args"].pop("async_save") is True and sa["args"].pop("async_save") is False
     for key in sa["args"]:
@@ -90,7 +107,9 @@ def test_async_checkpoint_equals_the_synchronous_one_and_the_resume_is_exact_dp2
                                                                 str(tmp_path / "async"), "--async-save"],))[1]
     assert [r["iteration"] for r in train_records(resumed)] == [4]
     assert train_records(resumed)[0]["loss"] == train_records(ref)[3]["loss"]  # exactly (dropout on: RNG restored)
-    _assert_same_checkpoint(tmp_path / "sync" / "iter_0000004", tmp_path / "async" / "iter_0000004")
+    # a resumed process pickles some RNG state objects differently (not the same Python objects): compare values
+    _assert_same_checkpoint(tmp_path / "sync" / "iter_0000004", tmp_path / "async" / "iter_0000004",
+                            byte_for_byte=False)
 
 
 ONE = TINY + ["--save-interval", "1", "--async-save"]
