@@ -199,7 +199,7 @@ def test_a_failed_background_write_on_one_rank_fails_the_run_on_every_rank(tmp_p
     assert [p.returncode for p in procs] == [4, 4], "\n".join(o[-3000:] for o in outs)
     for out in outs:
         assert ("error: --async-save: the background write of checkpoint iter_0000002 in "
-                f"{save} failed: rank 1: ") in out
+                f"{save} failed: rank 1: writing {save}/.tmp-iter_0000002/zero_pp_rank_1_mp_rank_00_optim_states.pt: ") in out
         assert "`latest` still names the previous checkpoint" in out
     assert ckpt.read_latest(str(save)) is None and not os.path.exists(save / "iter_0000002")
     assert max(r["iteration"] for r in train_records(read_jsonl(metrics))) < 8  # stopped, not at the end

@@ -45,6 +45,10 @@ class AsyncSaveError(RuntimeError):
     """A checkpoint's background write failed (on this rank or another)."""
 
 
+class _WriteError(AsyncSaveError):
+    """Writing one file failed (the message names it)."""
+
+
 class _OtherRankFailed(AsyncSaveError):
     """Rank 0's writer found another rank's failure marker (its text: "rank R: ...")."""
 
@@ -263,12 +267,18 @@ class AsyncCheckpointSaver:
         try:
             for path, obj, zipfile in files:
                 _slow_write_hook()
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                if isinstance(obj, str):
-                    ckpt.write_file(path, obj)
-                else:
-                    torch.save(obj, path, _use_new_zipfile_serialization=zipfile)
-                ckpt._fsync_path(path)
+                try:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    if isinstance(obj, str):
+                        ckpt.write_file(path, obj)
+                    else:
+                        torch.save(obj, path, _use_new_zipfile_serialization=zipfile)
+                    ckpt._fsync_path(path)
+                except Exception as e:  # torch's C++ writer fails with a chain of vague errors: the first says most
+                    first = e
+                    while first.__context__ is not None:
+                        first = first.__context__
+                    raise _WriteError(f"writing {path}: {type(first).__name__}: {first}") from e
                 ckpt._crash_point("async_write")
             files.clear()  # free the host copy before waiting for the other ranks
             ckpt.write_text_atomic(os.path.join(tmp_dir, DONE_MARKER.format(self.rank)), "")
@@ -277,8 +287,9 @@ class AsyncCheckpointSaver:
         except BaseException as e:  # reported by poll() on every rank
             files.clear()
             failed_here = not isinstance(e, _OtherRankFailed)
-            pending.error = (f"rank {self.rank}: {type(e).__name__}: {e}" if failed_here else str(e)).splitlines()[0]
-            if not isinstance(e, (OSError, AsyncSaveError)):
+            what = str(e) if isinstance(e, _WriteError) else f"{type(e).__name__}: {e}"
+            pending.error = (f"rank {self.rank}: {what}" if failed_here else str(e)).splitlines()[0]
+            if not isinstance(e, AsyncSaveError):
                 traceback.print_exc()
             if failed_here:  # tell rank 0's writer, which waits for this rank's files
                 try:
