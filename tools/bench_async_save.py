@@ -36,7 +36,7 @@ MODEL = ("--num-layers 12 --hidden-size 768 --num-attention-heads 12 --ffn-hidde
 
 SYNC_RE = re.compile(r"^saved checkpoint (\S+) \(([\d.]+) s\)$")
 STALL_RE = re.compile(r"^checkpoint of iteration (\d+): training stopped ([\d.]+) s to copy it to host memory")
-WRITTEN_RE = re.compile(r"^saved checkpoint (\S+) \(written in the background, ([\d.]+) s after iteration (\d+)\)")
+WRITTEN_RE = re.compile(r"^saved checkpoint (\S+) \(written in the background in ([\d.]+) s\)")
 
 
 def _size_gb(path: str) -> float:

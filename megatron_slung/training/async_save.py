@@ -239,8 +239,8 @@ class AsyncCheckpointSaver:
         pending.thread.join()
         self.pending = None
         tag = pending.final_tag + (f"_{suffix}" if suffix else "")
-        self.log(f"saved checkpoint {os.path.join(pending.save_dir, tag)} (written in the background, "
-                 f"{time.perf_counter() - pending.started:.1f} s after iteration {pending.iteration})")
+        self.log(f"saved checkpoint {os.path.join(pending.save_dir, tag)} (written in the background in "
+                 f"{pending.written_s:.1f} s)")
         if pending.deleted:
             print(f"deleted older checkpoints {', '.join(pending.deleted)} (--save-retain-interval / "
                   "--keep-last-checkpoints)", flush=True)
@@ -279,7 +279,6 @@ class AsyncCheckpointSaver:
                     while first.__context__ is not None:
                         first = first.__context__
                     raise _WriteError(f"writing {path}: {type(first).__name__}: {first}") from e
-                ckpt._crash_point("async_write")
             files.clear()  # free the host copy before waiting for the other ranks
             ckpt.write_text_atomic(os.path.join(tmp_dir, DONE_MARKER.format(self.rank)), "")
             if self.rank == 0:
