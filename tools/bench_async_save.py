@@ -61,7 +61,7 @@ def run(mode: str, args, save_root: str) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    stalls, written, writing = [], [], []
+    stalls, written = [], []
     for line in proc.stdout.splitlines():
         if mode == "sync" and (m := SYNC_RE.match(line)):
             stalls.append(float(m.group(2)))
@@ -71,10 +71,8 @@ def run(mode: str, args, save_root: str) -> dict:
             written.append(float(m.group(2)))
     with open(jsonl) as f:
         records = [json.loads(line) for line in f if '"train"' in line]
-    # iterations that ran while a background write was under way: those after a save, until it was reported
-    saved_at = [int(m.group(1)) for m in map(STALL_RE.match, proc.stdout.splitlines()) if m]
-    for it in saved_at:
-        writing.append(it + 1)
+    # the iteration after each save (while a background write is under way, with --async-save)
+    writing = [it + 1 for it in range(args.save_interval, args.iters, args.save_interval)]
     times = {r["iteration"]: r["iter_time_s"] for r in records if r["iteration"] > 1}  # 1: start-up costs
     during = [t for it, t in times.items() if it in writing]
     others = [t for it, t in times.items() if it not in writing]
@@ -94,13 +92,15 @@ def main(argv=None) -> int:
     p.add_argument("--save-interval", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the job (default: torch's)")
     p.add_argument("--save-dir", default=None, help="where the checkpoints go (default: a temporary directory)")
+    p.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"],
+                   help="which runs, in this order")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("extra", nargs="*", help="more trainer flags (after --)")
     args = p.parse_args(argv)
     load_before = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory(dir=args.save_dir) as tmp:
-        for mode in ("sync", "async"):
+        for mode in args.modes:
             print(f"running {mode} ...", flush=True)
             results.append(run(mode, args, tmp))
     load_after = os.getloadavg()
