@@ -410,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sched_args(p)
     _add_document_attention_args(p)
     _add_recompute_optimizer_tokenizer_args(p)
+    _add_async_save_args(p)
     return p
 
 
@@ -426,6 +427,19 @@ def _add_document_attention_args(p: argparse.ArgumentParser) -> None:
                    help="auto: torch's SDPA picks; flash: SDPA's flash kernel; fused: SDPA's cuDNN / memory-"
                         "efficient kernels; unfused: SDPA's math (matmul-softmax) kernel; local: this project's "
                         "plain matmul-softmax. A backend the device/dtype cannot run is refused at start-up")
+
+
+def _add_async_save_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("asynchronous checkpoint saving")
+    g.add_argument("--async-save", action="store_true",
+                   help="the training loop stops only to copy the checkpoint to host memory; a background thread "
+                        "writes the files (as atomically: `latest` names only complete checkpoints), a second save "
+                        "waits for the first, and the run ends only once the last one is on disk")
+
+
+def _validate_async_save(args: argparse.Namespace) -> None:
+    if args.async_save and args.save is None:
+        _fail("--async-save needs --save DIR")
 
 
 # --------------------------------------------------------------------------- config files
@@ -672,6 +686,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     _validate_logs(args)
     _validate_refused(args)
+    _validate_async_save(args)
 
     # ---- the DeepSpeed config (generated, or the user's checked against everything above)
     from megatron_slung.training.deepspeed_config import resolve_deepspeed_config

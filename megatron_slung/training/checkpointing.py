@@ -247,56 +247,83 @@ def save_checkpoint(engine, save_dir: str, iteration: int, train_state: dict, ar
     consumed samples, scheduler state...); RNG states are added per rank unless ``save_rng`` is False.
     ``save_optim`` False (``--no-save-optim``) leaves the optimizer's state out of DeepSpeed's files.
     ``slung_state.pt`` records both (``saved_optimizer``, ``saved_rng``), so a load can insist on them.
+    (``--async-save``: ``async_save.AsyncCheckpointSaver`` does the same in two halves.)
     """
     rank = _rank()
     final_tag = checkpoint_tag(iteration)
-    tmp_tag = TMP_PREFIX + final_tag
-    tmp_dir = os.path.join(save_dir, tmp_tag)
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        for name in os.listdir(save_dir):  # leftovers of saves that crashed
-            if name.startswith(TMP_PREFIX):
-                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
-    _barrier()
+    tmp_dir = os.path.join(save_dir, TMP_PREFIX + final_tag)
+    prepare_save_dir(save_dir)
 
     with contextlib.nullcontext() if save_optim else _without_optimizer_state(engine):
-        engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
+        engine.save_checkpoint(save_dir, tag=TMP_PREFIX + final_tag, save_latest=False)
     _crash_point("after_deepspeed")
-    if save_rng:
-        torch.save(get_rng_state(), os.path.join(tmp_dir, rng_file(rank)))
-    if rank == 0:
-        state = dict(train_state)
-        state.update(format_version=FORMAT_VERSION, iteration=int(iteration), args_json=json.dumps(args_dict),
-                     saved_optimizer=bool(save_optim), saved_rng=bool(save_rng))
-        torch.save(state, os.path.join(tmp_dir, STATE_FILE))
-        with open(os.path.join(tmp_dir, ARGS_FILE), "w", encoding="utf-8") as f:
-            json.dump(args_dict, f, indent=1, sort_keys=True)
+    for name, obj in trainer_files(rank, iteration, train_state, args_dict, save_optim, save_rng).items():
+        write_file(os.path.join(tmp_dir, name), obj)
     _barrier()
 
-    if rank == 0:
-        _fsync_tree(tmp_dir)
-        _crash_point("before_rename")
-        tag = final_tag
-        latest = read_latest(save_dir)
-        suffix = 0
-        while os.path.exists(os.path.join(save_dir, tag)):
-            if tag != latest:  # not referenced by `latest`: an older run's or a crashed save's; replace it
-                shutil.rmtree(os.path.join(save_dir, tag))
-                break
-            suffix += 1
-            tag = f"{final_tag}_{suffix}"
-        os.rename(tmp_dir, os.path.join(save_dir, tag))
-        _fsync_path(save_dir)
-        _crash_point("before_latest")
-        write_text_atomic(os.path.join(save_dir, LATEST_FILE), tag + "\n")
-    else:
-        tag = None
+    tag = publish_checkpoint(save_dir, final_tag) if rank == 0 else None
     if dist.is_initialized():
         box = [tag]
         dist.broadcast_object_list(box, src=0)
         tag = box[0]
     _barrier()
     return os.path.join(save_dir, tag)
+
+
+def prepare_save_dir(save_dir: str) -> None:
+    """Collective, before a save: rank 0 creates ``save_dir`` and removes what saves that crashed left."""
+    if _rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        for name in os.listdir(save_dir):
+            if name.startswith(TMP_PREFIX):
+                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+    _barrier()
+
+
+def trainer_files(rank: int, iteration: int, train_state: dict, args_dict: dict, save_optim: bool,
+                  save_rng: bool) -> dict:
+    """Our files of one checkpoint on ``rank``: file name -> object for ``write_file``."""
+    files = {}
+    if save_rng:
+        files[rng_file(rank)] = get_rng_state()
+    if rank == 0:
+        state = dict(train_state)
+        state.update(format_version=FORMAT_VERSION, iteration=int(iteration), args_json=json.dumps(args_dict),
+                     saved_optimizer=bool(save_optim), saved_rng=bool(save_rng))
+        files[STATE_FILE] = state
+        files[ARGS_FILE] = json.dumps(args_dict, indent=1, sort_keys=True)
+    return files
+
+
+def write_file(path: str, obj) -> None:
+    """A str as text, anything else with ``torch.save``."""
+    if isinstance(obj, str):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(obj)
+    else:
+        torch.save(obj, path)
+
+
+def publish_checkpoint(save_dir: str, final_tag: str) -> str:
+    """On rank 0, once every rank's files are in ``.tmp-FINAL_TAG``: flush them to disk, rename the directory
+    to its tag, then point ``latest`` at it (the atomicity steps of the module docstring). Returns the tag."""
+    tmp_dir = os.path.join(save_dir, TMP_PREFIX + final_tag)
+    _fsync_tree(tmp_dir)
+    _crash_point("before_rename")
+    tag = final_tag
+    latest = read_latest(save_dir)
+    suffix = 0
+    while os.path.exists(os.path.join(save_dir, tag)):
+        if tag != latest:  # not referenced by `latest`: an older run's or a crashed save's; replace it
+            shutil.rmtree(os.path.join(save_dir, tag))
+            break
+        suffix += 1
+        tag = f"{final_tag}_{suffix}"
+    os.rename(tmp_dir, os.path.join(save_dir, tag))
+    _fsync_path(save_dir)
+    _crash_point("before_latest")
+    write_text_atomic(os.path.join(save_dir, LATEST_FILE), tag + "\n")
+    return tag
 
 
 def prune_checkpoints(save_dir: str, iteration: int, *, retain_interval: Optional[int] = None,

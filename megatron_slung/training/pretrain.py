@@ -50,6 +50,7 @@ from megatron_slung.training.arguments import (
     parse_args,
     world_size_from_env,
 )
+from megatron_slung.training.async_save import AsyncSaveError
 from megatron_slung.training.data import (
     IGNORE_INDEX,
     CheckedInputs,
@@ -604,6 +605,7 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
     _print_status(f"setup took {time.time() - t0:.1f} s; training from iteration {iteration} to {args.train_iters}")
     last_saved = iteration if args.load and iteration > 0 else None
     evaluated_at = None
+    saver = _async_saver(trainer) if args.async_save else None  # --async-save: files written in the background
 
     def run_eval(split_loader, split: str):
         nonlocal consumed_valid
@@ -620,6 +622,14 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
     def save():
         nonlocal last_saved
         start = time.perf_counter()
+        if saver is not None:
+            stall = saver.save(args.save, iteration, _train_state(trainer, iteration, consumed_train, consumed_valid),
+                               args_to_dict(args), save_optim=not args.no_save_optim, save_rng=not args.no_save_rng)
+            last_saved = iteration
+            _print_status(f"checkpoint of iteration {iteration}: training stopped {stall:.2f} s to copy it to host "
+                          "memory; its files are being written in the background (--async-save)")
+            logger.exclude_time(time.perf_counter() - start)
+            return
         path = checkpointing.save_checkpoint(engine, args.save, iteration,
                                              _train_state(trainer, iteration, consumed_train, consumed_valid),
                                              args_to_dict(args), save_optim=not args.no_save_optim,
@@ -681,10 +691,14 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                 evaluated_at = iteration
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 save()
+            if saver is not None:  # collective while a background write is under way: done? failed?
+                saver.poll()
             reason = exit_conditions.reason(iteration)  # collective when a signal or time limit is watched
             if reason is not None and iteration < args.train_iters:
                 if args.save and last_saved != iteration:
                     save()
+                if saver is not None:
+                    saver.finish()
                 _print_status(f"exiting at iteration {iteration} ({reason})"
                               + ("" if args.save else "; no --save, so nothing was saved"))
                 stopped_early = True
@@ -697,10 +711,14 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                 run_eval(test_loader, "test")
             if args.save and last_saved != iteration:
                 save()
+            if saver is not None:
+                saver.finish()
     except DataExhausted as e:
         raise RuntimeError(f"{e} at iteration {iteration}; the datasets were sized for --train-iters "
                            f"{args.train_iters}") from None
     finally:
+        if saver is not None:  # an error: let this rank's background write finish (no collective)
+            saver.finish_after_error()
         exit_conditions.close()
         monitor.close()
         logger.close()
@@ -708,6 +726,19 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
     _print_status(f"done: iteration {iteration}, {time.time() - t0:.1f} s in all")
     return {"iteration": iteration, "records": logger.records, "rank": rank, "stopped_early": stopped_early,
             "last_loss": train_records[-1]["loss"] if train_records else None}
+
+
+def _async_saver(trainer: Trainer):
+    from megatron_slung.training.async_save import AsyncCheckpointSaver
+
+    args = trainer.args
+
+    def prune(save_dir, iteration):  # rank 0's writer, once the new checkpoint is complete and `latest` names it
+        return checkpointing.prune_checkpoints(save_dir, iteration, retain_interval=args.save_retain_interval,
+                                               keep_last=args.keep_last_checkpoints)
+
+    return AsyncCheckpointSaver(trainer.engine, prune=prune, log=_print_status, comm_device=_comm_device(trainer),
+                                timeout_s=60.0 * args.distributed_timeout_minutes)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -719,6 +750,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except AsyncSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
