@@ -84,6 +84,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout"],
         "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval[hf]"],
+        "pipeline": ["datatrove>=0.10.1,<0.11"],  # tools/pipeline.py: tagging + preprocessing in resumable tasks
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -58,7 +58,9 @@ except ImportError as e:  # the module stays importable for the error message; b
 else:
     _DATATROVE_ERROR = None
 
-KILL_ENV = "SLUNG_PIPELINE_TEST_KILL"  # "RANK:N": task RANK kills itself (SIGKILL) after N chunks (tests)
+# "RANK:N": task RANK kills its whole process group (SIGKILL) after N chunks. For tests only: run the
+# command in its own session (setsid), as a batch job is.
+KILL_ENV = "SLUNG_PIPELINE_TEST_KILL"
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir, os.path.pardir))
 
 
@@ -148,9 +150,10 @@ def shard_prefix(work_dir: str, index: int, key: str) -> str:
 
 def make_plan(inputs, tasks: int, settings: dict) -> dict:
     files = [os.path.abspath(p) for p in expand_inputs(inputs)]
-    return {"version": 1, "tasks": tasks,
+    plan = {"version": 1, "tasks": tasks,
             "inputs": [{"path": p, "size": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns} for p in files],
             "settings": settings, "shards": [dataclasses.asdict(s) for s in plan_shards(files, tasks)]}
+    return json.loads(json.dumps(plan))  # as read back from plan.json (tuples become lists)
 
 
 def write_or_check_plan(work_dir: str, plan: dict) -> bool:
@@ -238,7 +241,7 @@ class ReadShards(PipelineStep):
             for chunk in read_chunks(shard.path, shard.file_index, self.chunk_bytes, shard.start, shard.end,
                                      first_line):
                 if kill_after is not None and sent >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)  # the test hook: die as an out-of-memory kill would
+                    os.killpg(os.getpgrp(), signal.SIGKILL)  # the test hook: the job is killed (scancel, node lost)
                 self.stat_update("chunks")
                 self.stat_update("bytes", value=len(chunk.data))
                 yield chunk
