@@ -426,10 +426,15 @@ def build_pipeline(work_dir: str, opts, tag_config: dict | None, chunk_bytes: in
 
 
 def local_executors(work_dir, pipeline, merge_step, tasks: int, workers: int):
+    from multiprocessing import get_all_start_methods as mp_start_methods
+
     from datatrove.executor import LocalPipelineExecutor
 
+    # fork where there is one (as preprocess_data.py's pools): no re-import per task, and the tasks are children
+    # of this process (their CPU time is accounted to it). No CUDA is initialised here before the fork.
+    start = "fork" if "fork" in mp_start_methods() else "spawn"
     main = LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=os.path.join(work_dir, "logs", "tasks"),
-                                 start_method="forkserver")
+                                 start_method=start)
     merge = LocalPipelineExecutor([merge_step], tasks=1, workers=1, logging_dir=os.path.join(work_dir, "logs", "merge"),
                                   depends=main)
     return main, merge
