@@ -97,7 +97,21 @@ def settings_of(args, opts, tag_config) -> dict:
     """Everything a task's bytes depend on (compared on reruns; log_interval is not one of them)."""
     pre = dataclasses.asdict(opts)
     pre.pop("log_interval")
-    return {"preprocess": pre, "tag": tag_config, "merge": args.merge}
+    used = [opts.tokenizer_model]
+    if tag_config:
+        used += [spec.partition(":")[2] for spec in tag_config["lexicon"]] + list(tag_config["pii_names"])
+        used += [tag_config["scorer_path"]] if tag_config["scorer_path"] else []
+    return {"preprocess": pre, "tag": tag_config, "merge": args.merge,
+            "files": {path: file_stamp(path) for path in used}}
+
+
+def file_stamp(path: str):
+    """(size, mtime) of a file, or of each file of a directory: a changed tokenizer, word list or model
+    between a run and its resumption is refused rather than mixed into one dataset."""
+    if os.path.isdir(path):
+        return {name: file_stamp(os.path.join(path, name)) for name in sorted(os.listdir(path))}
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
 
 
 def main(argv=None) -> int:
