@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
 from megatron_slung.data.indexed_dataset import IndexedDatasetError  # noqa: E402
-from megatron_slung.data.merge import merge, prefixes_in_directory, resolve_inputs  # noqa: E402,F401
+from megatron_slung.data.merge import merge, resolve_inputs  # noqa: E402
 from megatron_slung.data.risk import level_name  # noqa: E402
 
 

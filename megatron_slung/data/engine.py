@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 from megatron_slung.data.corpus import (
     Chunk,
-    InputError,
     Progress,
     atomic_output,
     expand_inputs,
@@ -264,7 +263,7 @@ class TagRisk(PipelineStep):
         config = tag_risk.TagConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.tag_config.items()})
         tagger = tag_risk.ChunkTagger(config)
         if "torch" in sys.modules:  # an HF scorer on the CPU: one thread per task, as tag_risk.py per worker
-            sys.modules["torch"].set_num_threads(int(os.environ.get("SLUNG_SCORER_THREADS", "1")))
+            sys.modules["torch"].set_num_threads(1)
         for item in data:
             if isinstance(item, Chunk):
                 with self.track_time("chunk"):
