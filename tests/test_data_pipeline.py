@@ -176,7 +176,6 @@ def test_blend_lists_the_shards_with_token_weights(tmp_path, raw_dir, sp_model, 
     assert docs == [(ref.get(i).tolist(), ref.get_risk(i).tolist()) for i in range(len(ref))]
 
 
-@pytest.mark.slow
 def test_hf_classifier_tagger_in_the_engine_equals_tag_risk(tmp_path, raw_dir, sp_model, tiny_classifier):  # noqa: F811
     import numpy as np
 
