@@ -67,6 +67,7 @@ setup(
     version="0.1.0",
     description="Risk-aware large-scale GPT pretraining: selective loss on tagged data, Megatron-style parallelism on DeepSpeed",
     packages=find_packages(include=["megatron_slung", "megatron_slung.*"]),
+    package_data={"megatron_slung.safety": ["templates/*.md", "templates/*.txt", "templates/*/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -82,7 +83,11 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        # wandb: --wandb-project (optional at run time; the tests read an offline run's files)
+        # fasttext-numpy2: tools/train_risk_classifier.py --backend fasttext (optional at run time)
+        # tiktoken: --tokenizer-type TikTokenizer (optional at run time; the tests build a tiny BPE file)
+        "test": ["pytest", "pytest-timeout", "wandb", "fasttext-numpy2", "tiktoken"],
+        "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer
         "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval[hf]"],
         "pipeline": ["datatrove>=0.10.1,<0.11"],  # tools/pipeline.py: tagging + preprocessing in resumable tasks
     },

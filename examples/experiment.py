@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""The experiment: toxic share {0, 5, 10, 25}% x treatment {ce, filtered, masked, unlikelihood, tags}.
+"""The experiment: toxic share {0, 5, 10, 25}% x treatment {ce, filtered, masked, unlikelihood, tags,
+rephrased, refusal}.
 
-    python examples/experiment.py --scale tiny         # CPU: 20 small GPTs, about an hour on 2 cores
+    python examples/experiment.py --scale tiny         # CPU: 28 small GPTs, about 75 minutes on 2 cores (estimated)
     python examples/experiment.py --scale gpu-hours    # one GPU, hours (bring more text with --input)
 
 For each run: perplexity of clean held-out text, generation toxicity, probe F1/AUROC, zero-shot F1, the

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (or reuse) the environment, then run the experiment: toxic share {0,5,10,25}% x treatment
-# {ce, filtered, masked, unlikelihood, tags} at one scale. Arguments go to examples/experiment.py:
+# {ce, filtered, masked, unlikelihood, tags, rephrased, refusal} at one scale. Arguments go to examples/experiment.py:
 #
-#   bash examples/experiment.sh --scale tiny          # CPU: 20 small GPTs, 45-55 minutes on 2 cores
+#   bash examples/experiment.sh --scale tiny          # CPU: 28 small GPTs, about 75 minutes on 2 cores (estimated)
 #   bash examples/experiment.sh --scale gpu-hours     # one GPU, hours (bring more text with --input)
 #
 # Output in runs/experiment-SCALE/ (results.md, results.json, results.png); a rerun reuses finished runs.

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from megatron_slung.data.synthetic import SyntheticCorpus
+from megatron_slung.experiment.synthetic import SyntheticCorpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")

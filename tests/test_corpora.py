@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from megatron_slung.data import corpora
-from megatron_slung.data.corpora import (
+from megatron_slung.experiment import corpora
+from megatron_slung.experiment.corpora import (
     CorpusInputError,
     CorpusUnavailable,
     SplitConfig,

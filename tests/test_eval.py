@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from megatron_slung.eval import common, generation, perplexity, probe, safe_beam, scorers, steer, toxicity, zero_shot
+from megatron_slung.data import scorers
+from megatron_slung.eval import common, generation, perplexity, probe, safe_beam, steer, toxicity, zero_shot
 from megatron_slung.eval.__main__ import main as eval_main
 from megatron_slung.eval.common import EvalInputError
 from tests import eval_fixtures as fx

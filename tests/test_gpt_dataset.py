@@ -130,8 +130,9 @@ def test_eod_mask_loss(corpus, tmp_path):
     seen_eod = 0
     for i in range(len(train)):
         s = train[i]
-        assert torch.equal(s["loss_mask"], (s["labels"] != EOD).float())
-        seen_eod += int((s["labels"] == EOD).sum())
+        # Megatron's meaning: no loss where the *input* is the EOD (the guess of the next document's start)
+        assert torch.equal(s["loss_mask"], (s["tokens"] != EOD).float())
+        seen_eod += int((s["tokens"] == EOD).sum())
     assert seen_eod > 0
     with pytest.raises(ValueError, match="eod_mask_loss needs eod_token"):
         build_gpt_datasets([prefix], "1", 12, 0, (5, 0, 0), str(tmp_path / "c"), None, True)

@@ -23,7 +23,9 @@ PP2_CONFIGS = {
     "tied_fused_head": (dict(), NO_PARTITION),
     # the learned positions live on the first stage only; the tied head of the last stage holds the word embeddings
     "gpt3_tied": (GPT3, NO_PARTITION),
-    "untied_recompute": (dict(untie_embeddings_and_output_weights=True, recompute_activations=True), NO_PARTITION),
+    # full recomputation of the first layer of each stage (Megatron's block method, counted per stage)
+    "untied_recompute": (dict(untie_embeddings_and_output_weights=True, recompute_granularity="full",
+                              recompute_method="block", recompute_num_layers=1), NO_PARTITION),
 }
 TP2_PP2_CONFIGS = {
     # sequence-parallel activations differ across TP ranks: DeepSpeed must not partition them

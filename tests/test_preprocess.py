@@ -428,7 +428,7 @@ def test_lone_surrogate_is_an_error_naming_file_line_and_field(tmp_path, sp_mode
 def test_jsonl_writers_compress_as_the_final_name_says(tmp_path, suffix):
     import zstandard
 
-    from megatron_slung.data.synthetic import write_jsonl as synthetic_jsonl
+    from megatron_slung.experiment.synthetic import write_jsonl as synthetic_jsonl
 
     plain, packed = tmp_path / "s.jsonl", tmp_path / f"s.jsonl{suffix}"
     assert synthetic_jsonl(str(plain), n_docs=50) == synthetic_jsonl(str(packed), n_docs=50) == 50

@@ -112,14 +112,15 @@ def _nan_body(rank, world_size, argv, skip):
         return out
 
     def watched_step(trainer, micro):
-        it = trainer.scheduler.num_steps + len(snapshots.get("skipped", []))
+        # the schedule counts samples (Megatron): applied updates x the global batch
+        it = trainer.scheduler.num_steps // trainer.args.global_batch_size + len(snapshots.get("skipped", []))
         before = {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
         result = original_step(trainer, micro)
         after = trainer.module.state_dict()
         snapshots[it + 1] = all(torch.equal(before[k], after[k]) for k in before)
         if result[1]:
             snapshots.setdefault("skipped", []).append(it + 1)
-        snapshots["lr_steps"] = trainer.scheduler.num_steps
+        snapshots["lr_steps"] = trainer.scheduler.num_steps // trainer.args.global_batch_size
         return result
 
     pt._masked_ce, pt.train_step = poisoned_ce, watched_step
@@ -195,7 +196,7 @@ def test_trains_on_a_dataset_made_by_the_tools(tmp_path):
                                             capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    tool("-m", "megatron_slung.data.synthetic", "--output", tmp_path / "raw.jsonl", "--docs", 300,
+    tool("-m", "megatron_slung.experiment.synthetic", "--output", tmp_path / "raw.jsonl", "--docs", 300,
          "--word-lists", tmp_path / "lists")
     tool("tools/train_tokenizer.py", "--input", tmp_path / "raw.jsonl", "--output-prefix", tmp_path / "spm",
          "--vocab-size", 1000)

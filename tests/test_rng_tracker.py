@@ -90,10 +90,12 @@ def _tp_body(rank, world_size):
     tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     for sp in (False, True):
         grads = []
-        for recompute in (False, True):
+        # no recomputation, selective (the core attention: its forked dropout), full (whole layers: every dropout)
+        for recompute in ({}, {"recompute_granularity": "selective"},
+                          {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}):
             cfg = GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
                             vocab_size=64, max_position_embeddings=16, hidden_dropout=0.2, attention_dropout=0.2,
-                            sequence_parallel=sp, recompute_activations=recompute)
+                            sequence_parallel=sp, **recompute)
             model = GPTModel(cfg)
             model_parallel_manual_seed(99)
             logits = model(tokens)
@@ -111,8 +113,9 @@ def test_tp_ranks_share_default_dropout_differ_in_forked_dropout_and_recompute_i
     assert not torch.equal(r0["tp"], r1["tp"])  # split activations: each rank its own mask
     for r in (r0, r1):
         for sp in (False, True):
-            (logits_a, grads_a), (logits_b, grads_b) = r[f"sp{sp}"]
+            (logits_a, grads_a), *recomputed = r[f"sp{sp}"]
             # recomputation replays every dropout mask (default and forked): identical results
-            assert torch.equal(logits_a, logits_b)
-            for n in grads_a:
-                assert torch.equal(grads_a[n], grads_b[n]), (sp, n)
+            for logits_b, grads_b in recomputed:
+                assert torch.equal(logits_a, logits_b)
+                for n in grads_a:
+                    assert torch.equal(grads_a[n], grads_b[n]), (sp, n)

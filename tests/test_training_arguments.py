@@ -25,7 +25,10 @@ def test_defaults_and_derived_values():
     b = parse(world_size=2)  # global batch defaults to micro x DP
     assert b.global_batch_size == 4 and b.gradient_accumulation_steps == 1
     c = parse("--lr-warmup-fraction", "0.25", "--lr-decay-iters", "8")
-    assert c.lr_warmup_iters == 2
+    # Megatron: the warmup is that fraction of the decay's samples (not rounded to whole iterations)
+    from megatron_slung.training.schedules import schedule_steps
+
+    assert c.lr_warmup_iters == 0 and schedule_steps(c)["warmup_steps"] == 0.25 * 8 * c.global_batch_size
     json.dumps(args_to_dict(a))  # everything saved with checkpoints is plain JSON
 
 

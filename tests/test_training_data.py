@@ -57,7 +57,7 @@ def test_mock_dataset_is_deterministic_learnable_and_risk_tagged():
     levels = torch.cat([ds[i]["risk"] for i in range(20)])
     assert set(levels.unique().tolist()) == {0, 1, 2, 3}
     masked = torch.cat([ds[i]["loss_mask"] == 0 for i in range(100)])
-    eod = torch.cat([ds[i]["labels"] == 49 for i in range(100)])
+    eod = torch.cat([ds[i]["tokens"] == 49 for i in range(100)])  # Megatron: the EOD input positions
     assert torch.equal(masked, eod)
     # mostly an arithmetic progression: the next token is predictable from the previous two
     t = a["tokens"]

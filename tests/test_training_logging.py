@@ -78,7 +78,11 @@ def test_logger_averages_the_interval_and_writes_jsonl_and_tensorboard(tmp_path)
 
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([3.0, 1.0, 1.5])
+    # TensorBoard gets each iteration's own loss (Megatron's --tensorboard-log-interval 1), the NaN left out;
+    # the log line and the JSONL average over --log-interval.
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 4, 5] and [e.value for e in loss] == pytest.approx([2.0, 4.0, 1.0, 1.5])
+    assert [e.step for e in events.Scalars("train/tokens_per_s")] == [2, 4, 5]  # timing: per log interval
     assert "train/ce_level/3_toxic" in events.Tags()["scalars"]
     assert {"valid/policy_loss", "valid/ce", "valid/ppl"} <= set(events.Tags()["scalars"])
     assert "valid/loss" not in events.Tags()["scalars"]

@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 from megatron_slung.data.corpus import iter_records, read_chunks  # noqa: E402
 from megatron_slung.data.engine import load_tool  # noqa: E402
-from megatron_slung.data.synthetic import write_jsonl  # noqa: E402
+from megatron_slung.experiment.synthetic import write_jsonl  # noqa: E402
 
 
 def build_classifier(path: str, corpus: str, hidden: int, layers: int) -> None:

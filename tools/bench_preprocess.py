@@ -39,7 +39,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir))
 sys.path.insert(0, ROOT)
 
 from megatron_slung.data.indexed_dataset import IndexedDataset  # noqa: E402
-from megatron_slung.data.synthetic import write_jsonl  # noqa: E402
+from megatron_slung.experiment.synthetic import write_jsonl  # noqa: E402
 
 TAG = "<|potentially_unsafe|>"
 

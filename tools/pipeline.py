@@ -97,12 +97,12 @@ def settings_of(args, opts, tag_config) -> dict:
     """Everything a task's bytes depend on (compared on reruns; log_interval is not one of them)."""
     pre = dataclasses.asdict(opts)
     pre.pop("log_interval")
-    used = [opts.tokenizer_model]
+    used = [opts.tokenizer_model] + [v for v in opts.tokenizer_kwargs.values() if isinstance(v, str) and os.path.exists(v)]
     if tag_config:
         used += [spec.partition(":")[2] for spec in tag_config["lexicon"]] + list(tag_config["pii_names"])
         used += [tag_config["scorer_path"]] if tag_config["scorer_path"] else []
     return {"preprocess": pre, "tag": tag_config, "merge": args.merge,
-            "files": {path: file_stamp(path) for path in used}}
+            "files": {path: file_stamp(path) for path in used if path}}
 
 
 def file_stamp(path: str):

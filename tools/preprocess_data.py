@@ -20,15 +20,23 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 
 from megatron_slung.data.corpus import InputError, atomic_output  # noqa: E402
 from megatron_slung.data.preprocess import PreprocessOptions, preprocess, print_summary  # noqa: E402
-from megatron_slung.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
+from megatron_slung.data.tokenizers import TOKENIZER_TYPES, tokenizer_kwargs  # noqa: E402
+from megatron_slung.training.arguments import add_tiktoken_args  # noqa: E402
 
 
 def add_preprocess_args(p) -> None:
     """The tokenizer, input, risk and tag flags (shared with tools/pipeline.py)."""
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES + ("GPTSentencePieceTokenizer",))
-    g.add_argument("--tokenizer-model", required=True,
-                   help="a local SentencePiece .model, or a local Hugging Face tokenizer directory / tokenizer.json")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="a local SentencePiece .model, a local Hugging Face tokenizer directory / tokenizer.json, or "
+                        "TikTokenizer's tiktoken file (Megatron's .json list or tiktoken's BASE64 RANK lines)")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: the GPT-2 vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: the GPT-2 merges.txt")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="NullTokenizer: the vocabulary size (documents are whitespace-separated ids; the end of "
+                        "document is vocab size - 1); TikTokenizer: the total size with the special tokens")
+    add_tiktoken_args(g)
     g.add_argument("--no-tokenizer-cache", action="store_true",
                    help="SentencePiece: call the plain encoder for every document instead of the word cache "
                         "(same output, slower; for checking)")
@@ -55,10 +63,29 @@ def add_preprocess_args(p) -> None:
 
 
 def options_from_args(p, args) -> PreprocessOptions:
+    """The PreprocessOptions of these flags; a combination that cannot work is a parser error."""
+    t = args.tokenizer_type
+    if t == "GPT2BPETokenizer":
+        if not args.vocab_file or not args.merge_file or args.tokenizer_model:
+            p.error("--tokenizer-type GPT2BPETokenizer reads --vocab-file and --merge-file (not --tokenizer-model)")
+    elif args.vocab_file or args.merge_file:
+        p.error(f"--vocab-file/--merge-file are read by GPT2BPETokenizer only, not --tokenizer-type {t}")
+    elif t == "NullTokenizer":
+        if args.vocab_size is None or args.tokenizer_model:
+            p.error("--tokenizer-type NullTokenizer needs --vocab-size (and no --tokenizer-model)")
+    elif not args.tokenizer_model:
+        p.error(f"--tokenizer-type {t} needs --tokenizer-model")
+    if t not in ("NullTokenizer", "TikTokenizer") and args.vocab_size is not None:
+        p.error(f"--vocab-size is for NullTokenizer and TikTokenizer; {t} has its own size")
+    if t != "TikTokenizer" and (args.tiktoken_pattern or args.special_tokens
+                                or args.tiktoken_num_special_tokens != 1000):
+        p.error(f"--tiktoken-pattern/--tiktoken-num-special-tokens/--tokenizer-special-tokens are for TikTokenizer, "
+                f"not --tokenizer-type {t}")
     if args.split_sentences:
         p.error("--split-sentences is not supported: risk spans are per document (tag sentences with tools/tag_risk.py)")
     return PreprocessOptions(
-        tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model, json_keys=tuple(args.json_keys),
+        tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model, tokenizer_kwargs=tokenizer_kwargs(args),
+        json_keys=tuple(args.json_keys),
         append_eod=args.append_eod, risk_key=args.risk_key, default_risk_level=args.default_risk_level,
         harm_tag=args.harm_tag, harm_tag_prob=args.harm_tag_prob, harm_tag_min_level=args.harm_tag_min_level,
         seed=args.seed, empty_documents=args.empty_documents, log_interval=args.log_interval,
@@ -85,7 +112,7 @@ def main(argv=None) -> int:
     args, opts = get_args(argv)
     try:
         summary = preprocess(args.input, args.output_prefix, opts, workers=args.workers, partitions=args.partitions)
-    except (InputError, FileNotFoundError, ValueError) as e:
+    except (InputError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print_summary(summary)

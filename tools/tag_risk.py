@@ -60,7 +60,7 @@ class TagConfig:
     risk_key: str = "risk_spans"
     lexicon: tuple = ()
     lexicon_default_level: int = 1
-    scorer: str = "profanity"
+    scorer: str | None = None  # None: profanity, or the classifier directory --scorer-path names
     scorer_path: str | None = None
     scorer_label: str | None = None
     scorer_batch_size: int = 32
@@ -71,6 +71,8 @@ class TagConfig:
     pii_names: tuple = ()
     pii_emails: bool = True
     pii_phones: bool = True
+    score_thresholds: tuple | None = None  # a classifier directory's 0-5 score -> levels
+    thresholds_given: bool = False  # --toxic-threshold / --ambiguous-threshold given on the command line
 
     def check(self) -> None:
         """Validate flags and files without loading any model (the workers build the real taggers)."""
@@ -82,7 +84,9 @@ class TagConfig:
             if not self.lexicon:
                 raise ValueError("--tagger lexicon needs at least one --lexicon LEVEL:PATH")
             LexiconTagger.from_files(list(self.lexicon), self.lexicon_default_level)
-        if "classifier" in self.taggers:
+        if "classifier" in self.taggers and _classifier_dir_tagger(self, load=False):
+            pass  # a train_risk_classifier.py directory: checked there
+        elif "classifier" in self.taggers:
             ClassifierTagger(None, self.toxic_threshold, self.ambiguous_threshold)
             if self.scorer_batch_size < 1:
                 raise ValueError(f"--scorer-batch-size must be >= 1, got {self.scorer_batch_size}")
@@ -90,7 +94,7 @@ class TagConfig:
                 check_device_name(self.scorer_device)  # torch is asked in the workers (CUDA and fork do not mix)
             if self.scorer in ("hf", "huggingface") and not (self.scorer_path and os.path.isdir(self.scorer_path)):
                 raise FileNotFoundError(f"--scorer hf needs --scorer-path DIR (a local model directory), got {self.scorer_path!r}")
-            if self.scorer in ("profanity", "alt-profanity-check"):
+            if self.scorer in (None, "profanity", "alt-profanity-check"):
                 import importlib.util
 
                 if importlib.util.find_spec("profanity_check") is None:
@@ -107,12 +111,14 @@ class TagConfig:
                 if not self.lexicon:
                     raise ValueError("--tagger lexicon needs at least one --lexicon LEVEL:PATH")
                 unit_taggers.append(LexiconTagger.from_files(list(self.lexicon), self.lexicon_default_level))
+            elif name == "classifier" and _classifier_dir_tagger(self, load=False):
+                unit_taggers.append(_classifier_dir_tagger(self))
             elif name == "classifier":
                 kw = {}
                 if self.scorer in ("hf", "huggingface"):
                     kw = {"label": self.scorer_label, "batch_size": self.scorer_batch_size,
                           "device": resolve_device(self.scorer_device)}
-                unit_taggers.append(ClassifierTagger(build_scorer(self.scorer, self.scorer_path, **kw),
+                unit_taggers.append(ClassifierTagger(build_scorer(self.scorer or "profanity", self.scorer_path, **kw),
                                                      self.toxic_threshold, self.ambiguous_threshold))
             elif name == "pii":
                 names = [n for path in self.pii_names for n in read_word_list(path)]
@@ -143,6 +149,29 @@ def resolve_device(device: str) -> str:
     if index >= torch.cuda.device_count():
         raise ValueError(f"--scorer-device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def _classifier_dir_tagger(cfg: TagConfig, load: bool = True):
+    """``--scorer-path DIR`` naming a ``tools/train_risk_classifier.py`` directory (and no other --scorer): its
+    0-5 score mapped to levels by ``--score-thresholds``. Returns None for any other scorer (and with
+    ``load=False``, True after checking the flags without loading the model)."""
+    from megatron_slung.safety.classifier import ScoreThresholdTagger, check_thresholds, is_classifier_dir, load_classifier
+
+    if cfg.scorer not in (None, "risk-classifier") or not is_classifier_dir(cfg.scorer_path):
+        if cfg.score_thresholds is not None:
+            raise ValueError("--score-thresholds maps the 0-5 score of a tools/train_risk_classifier.py directory "
+                             "(--scorer-path DIR); other scorers give [0, 1]: use --toxic-threshold/--ambiguous-threshold")
+        return None
+    if cfg.score_thresholds is None:
+        raise ValueError(f"--scorer-path {cfg.scorer_path} is a 0-5 safety classifier: give --score-thresholds, "
+                         "e.g. 2,3 (score >= 2: level 2 ambiguous, >= 3: level 3 toxic)")
+    if cfg.thresholds_given:
+        raise ValueError("--toxic-threshold/--ambiguous-threshold apply to [0, 1] scorers; this 0-5 classifier "
+                         "takes --score-thresholds")
+    check_thresholds(cfg.score_thresholds)
+    if not load:
+        return True
+    return ScoreThresholdTagger(load_classifier(cfg.scorer_path), cfg.score_thresholds)
 
 
 class ChunkTagger:
@@ -243,15 +272,20 @@ def add_tagger_args(p) -> None:
                    help="a word list (one word or phrase a line, # comments) for a level; repeatable")
     g.add_argument("--lexicon-default-level", type=int, default=1, help="level of units with no listed word")
     g = p.add_argument_group("classifier tagger")
-    g.add_argument("--scorer", default="profanity",
-                   help="profanity (alt-profanity-check), hf (a local sequence-classification dir), or module:callable")
-    g.add_argument("--scorer-path", default=None, help="the model directory for --scorer hf")
+    g.add_argument("--scorer", default=None,
+                   help="profanity (alt-profanity-check; the default), hf (a local sequence-classification dir), "
+                        "or module:callable; a --scorer-path made by tools/train_risk_classifier.py needs none")
+    g.add_argument("--scorer-path", default=None,
+                   help="the model directory for --scorer hf, or a tools/train_risk_classifier.py directory")
+    g.add_argument("--score-thresholds", default=None, metavar="T1,T2,...",
+                   help="a train_risk_classifier.py directory: ascending 0-5 thresholds; score >= Ti gives level "
+                        "i+1, below T1 level 1 (e.g. 2,3: >= 2 ambiguous, >= 3 toxic)")
     g.add_argument("--scorer-label", default=None, help="--scorer hf: the label (name or index) of the toxic class")
     g.add_argument("--scorer-batch-size", type=int, default=32, help="--scorer hf: texts per forward pass")
     g.add_argument("--scorer-device", default="auto",
                    help="--scorer hf: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
-    g.add_argument("--toxic-threshold", type=float, default=0.99, help="score > this: level 3")
-    g.add_argument("--ambiguous-threshold", type=float, default=1e-4, help="score > this: level 2 (else 1)")
+    g.add_argument("--toxic-threshold", type=float, default=None, help="score > this: level 3 (default 0.99)")
+    g.add_argument("--ambiguous-threshold", type=float, default=None, help="score > this: level 2, else 1 (default 1e-4)")
     g = p.add_argument_group("PII tagger")
     g.add_argument("--pii-level", type=int, default=4, help="level given to private data")
     g.add_argument("--pii-names", action="append", default=[], metavar="PATH", help="a list of names, one a line")
@@ -260,14 +294,21 @@ def add_tagger_args(p) -> None:
 
 
 def config_from_args(args) -> TagConfig:
+    """The TagConfig of the tagger flags (a bad --score-thresholds raises ValueError)."""
+    from megatron_slung.safety.classifier import parse_thresholds
+
+    score_thresholds = None if args.score_thresholds is None else tuple(parse_thresholds(args.score_thresholds))
+    thresholds_given = args.toxic_threshold is not None or args.ambiguous_threshold is not None
     return TagConfig(unit=args.unit, taggers=tuple(args.tagger), json_keys=tuple(args.json_keys),
                      risk_key=args.risk_key, lexicon=tuple(args.lexicon),
                      lexicon_default_level=args.lexicon_default_level, scorer=args.scorer,
                      scorer_path=args.scorer_path, scorer_label=args.scorer_label,
                      scorer_batch_size=args.scorer_batch_size, scorer_device=args.scorer_device,
-                     toxic_threshold=args.toxic_threshold, ambiguous_threshold=args.ambiguous_threshold,
+                     toxic_threshold=0.99 if args.toxic_threshold is None else args.toxic_threshold,
+                     ambiguous_threshold=1e-4 if args.ambiguous_threshold is None else args.ambiguous_threshold,
                      pii_level=args.pii_level, pii_names=tuple(args.pii_names), pii_emails=not args.no_pii_emails,
-                     pii_phones=not args.no_pii_phones)
+                     pii_phones=not args.no_pii_phones, score_thresholds=score_thresholds,
+                     thresholds_given=thresholds_given)
 
 
 def get_args(argv=None):
@@ -286,7 +327,11 @@ def get_args(argv=None):
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         summary = run(args.input, args.output, config, workers=args.workers, log_interval=args.log_interval)
     except (InputError, FileNotFoundError, ValueError, ImportError) as e:

@@ -179,7 +179,7 @@ class GPTDataset(torch.utils.data.Dataset):
 
     ``ds[i]`` is a dict of tensors: ``tokens`` int64 [seq_length], ``labels`` int64 [seq_length] (the next
     tokens), ``risk`` uint8 [seq_length] (the level of each label token), ``loss_mask`` float32 [seq_length]
-    (0 on EOD labels when ``eod_mask_loss``, else 1).
+    (0 where the input token is the EOD when ``eod_mask_loss``, as in Megatron, else 1).
     """
 
     def __init__(self, indexed: IndexedDataset, documents: np.ndarray, seq_length: int, seed: int,
@@ -261,8 +261,8 @@ def make_sample(tokens: np.ndarray, risk: np.ndarray, eod_token: int | None, eod
     tokens = torch.from_numpy(tokens.astype(np.int64))
     labels = tokens[1:].clone()
     loss_mask = torch.ones(len(labels), dtype=torch.float32)
-    if eod_mask_loss:
-        loss_mask[labels == eod_token] = 0.0
+    if eod_mask_loss:  # Megatron's: where the input token is the EOD (predicting the next document's start)
+        loss_mask[tokens[:-1] == eod_token] = 0.0
     return {
         "tokens": tokens[:-1].contiguous(),
         "labels": labels,
@@ -303,8 +303,9 @@ def default_cache_dir(prefix: str) -> str:
 
 def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
                        num_samples: tuple[int, int, int], cache_dir: str | None = None,
-                       eod_token: int | None = None, eod_mask_loss: bool = False):
+                       eod_token: int | None = None, eod_mask_loss: bool = False, mmap: bool = True):
     """(train, valid, test) datasets for ``--data-path`` / ``--split``; a split with 0 samples or 0 weight is None.
+    ``mmap=False``: read the ``.bin`` files with file reads (``--no-mmap-bin-files``).
 
     ``cache_dir`` (Megatron's ``--data-cache-path``) holds the index arrays; by default
     ``<data dir>/cache/GPTDataset_indices`` beside each prefix. Collective when torch.distributed is initialised.
@@ -313,19 +314,20 @@ def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: 
     if distributed and not _is_rank_zero():
         torch.distributed.barrier()  # rank 0 builds and caches the indices first
     try:
-        return _build_gpt_datasets(data_path, split, seq_length, seed, num_samples, cache_dir, eod_token, eod_mask_loss)
+        return _build_gpt_datasets(data_path, split, seq_length, seed, num_samples, cache_dir, eod_token, eod_mask_loss,
+                                   mmap)
     finally:
         if distributed and _is_rank_zero():
             torch.distributed.barrier()
 
 
-def _build_gpt_datasets(data_path, split, seq_length, seed, num_samples, cache_dir, eod_token, eod_mask_loss):
+def _build_gpt_datasets(data_path, split, seq_length, seed, num_samples, cache_dir, eod_token, eod_mask_loss, mmap):
     prefixes, weights = parse_data_path(data_path)
     fractions = parse_split(split)
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must give (train, valid, test), got {num_samples!r}")
     active = [(p, w) for p, w in zip(prefixes, weights) if w > 0]
-    indexed = {p: IndexedDataset(p) for p, _ in active}
+    indexed = {p: IndexedDataset(p, mmap=mmap) for p, _ in active}
     results = []
     for s, name in enumerate(SPLIT_NAMES):
         size = int(num_samples[s])

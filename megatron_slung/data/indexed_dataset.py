@@ -190,7 +190,28 @@ class _Index:
         self.num_tokens = total
 
 
-def _map_bin(path: str, dtype: np.dtype, num_tokens: int, idx: str) -> np.ndarray:
+class FileBinReader:
+    """A ``.bin`` read with one file read per access instead of a memory map (Megatron's
+    ``--no-mmap-bin-files``: for file systems where mapping large files is slow or not allowed). Supports
+    the contiguous slices the readers take: ``reader[a:b]`` is a fresh array."""
+
+    def __init__(self, path: str, dtype: np.dtype, num_tokens: int):
+        self.path, self.dtype, self.num_tokens = path, np.dtype(dtype), int(num_tokens)
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(self.num_tokens)
+        if step != 1:
+            raise IndexError(f"{self.path}: only contiguous slices can be read")
+        count = max(0, stop - start)
+        with open(self.path, "rb") as f:  # opened per read: nothing shared with forked loader workers
+            f.seek(start * self.dtype.itemsize)
+            return np.fromfile(f, self.dtype, count)
+
+
+def _map_bin(path: str, dtype: np.dtype, num_tokens: int, idx: str, mmap: bool = True) -> np.ndarray:
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -203,7 +224,7 @@ def _map_bin(path: str, dtype: np.dtype, num_tokens: int, idx: str) -> np.ndarra
         )
     if size == 0:  # numpy cannot memory-map an empty file
         return np.empty(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    return np.memmap(path, dtype=dtype, mode="r") if mmap else FileBinReader(path, dtype, num_tokens)
 
 
 class IndexedDataset:
@@ -215,8 +236,9 @@ class IndexedDataset:
     ``document_offsets`` gives each document's first token).
     """
 
-    def __init__(self, prefix: str, *, temporary_ok: bool = False):
+    def __init__(self, prefix: str, *, temporary_ok: bool = False, mmap: bool = True):
         self.prefix = str(prefix)
+        self.mmap = bool(mmap)  # False: the .bin files are read with file reads (--no-mmap-bin-files)
         if not temporary_ok and in_temporary_dir(self.prefix):
             raise IndexedDatasetError(f"{prefix}: a part dataset inside the temporary directory of a preprocessing "
                                       "run (finished or killed), not a finished dataset; use that run's output")
@@ -227,7 +249,7 @@ class IndexedDataset:
         if not os.path.exists(idx_path(prefix)) and not os.path.exists(bin_path(prefix)):
             raise IndexedDatasetError(f"{prefix}: no dataset here (neither {idx_path(prefix)} nor {bin_path(prefix)} exists)")
         self._index = _Index(idx_path(prefix))
-        self._bin = _map_bin(bin_path(prefix), self._index.dtype, self._index.num_tokens, idx_path(prefix))
+        self._bin = _map_bin(bin_path(prefix), self._index.dtype, self._index.num_tokens, idx_path(prefix), self.mmap)
         self._risk_index = None
         self._risk_bin = None
         rprefix = risk_prefix(prefix)
@@ -256,15 +278,16 @@ class IndexedDataset:
             if not np.array_equal(rindex.document_indices, self._index.document_indices):
                 raise IndexedDatasetError(f"{ridx}: risk channel document_indices differ from those of {idx_path(prefix)}")
             self._risk_index = rindex
-            self._risk_bin = _map_bin(rbin, rindex.dtype, rindex.num_tokens, ridx)
+            self._risk_bin = _map_bin(rbin, rindex.dtype, rindex.num_tokens, ridx, self.mmap)
         self._document_offsets = None
 
     # Pickle by prefix (DataLoader workers reopen the memory maps instead of copying the data).
     def __getstate__(self):
-        return {"prefix": self.prefix}
+        return {"prefix": self.prefix, "mmap": self.mmap}
 
     def __setstate__(self, state):
         self.prefix = state["prefix"]
+        self.mmap = state.get("mmap", True)
         self._open()
 
     def __repr__(self):

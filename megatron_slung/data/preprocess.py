@@ -62,6 +62,9 @@ MAX_EMPTY_REPORTED = 5
 class PreprocessOptions:
     tokenizer_type: str = "SentencePieceTokenizer"
     tokenizer_model: str | None = None
+    # GPT2BPETokenizer's files, NullTokenizer's / TikTokenizer's vocab size, TikTokenizer's settings
+    # (tokenizers.tokenizer_kwargs: the same flags as training)
+    tokenizer_kwargs: dict = field(default_factory=dict)
     json_keys: tuple = ("text",)
     append_eod: bool = False
     risk_key: str = "risk_spans"
@@ -160,8 +163,9 @@ class Encoder:
 
     def __init__(self, opts: PreprocessOptions):
         self.opts = opts
-        kw = {"word_cache": opts.word_cache} if opts.tokenizer_type != "HuggingFaceTokenizer" else {}
-        self.tokenizer = build_tokenizer(opts.tokenizer_type, opts.tokenizer_model, **kw)
+        sentencepiece = opts.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+        kw = {"word_cache": opts.word_cache} if sentencepiece else {}
+        self.tokenizer = build_tokenizer(opts.tokenizer_type, opts.tokenizer_model, **opts.tokenizer_kwargs, **kw)
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         self.tag_id = None
         if opts.harm_tag:

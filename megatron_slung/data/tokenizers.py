@@ -36,7 +36,7 @@ EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 HARM_TAG_TOKEN = "<|potentially_unsafe|>"
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer")
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1) -> int:
@@ -529,9 +529,13 @@ class HuggingFaceTokenizer(_TokenizerBase):
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         if os.path.isdir(path):
-            self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         else:
-            self.hf = PreTrainedTokenizerFast(tokenizer_file=path)
+            hf = PreTrainedTokenizerFast(tokenizer_file=path)
+        self._setup(hf, path, eod_token, pad_token, add_special_tokens, special_tokens_in_text)
+
+    def _setup(self, hf, path, eod_token, pad_token, add_special_tokens, special_tokens_in_text):
+        self.hf = hf
         if not getattr(self.hf, "is_fast", False):
             raise ValueError(f"{path}: a fast (Rust) tokenizer is needed for character offsets; "
                              "save it with tokenizer.json")
@@ -586,16 +590,251 @@ class HuggingFaceTokenizer(_TokenizerBase):
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str, **kw):
-    """``SentencePieceTokenizer`` (a local .model) or ``HuggingFaceTokenizer`` (a local dir/tokenizer.json).
+class GPT2BPETokenizer(HuggingFaceTokenizer):
+    """Megatron's ``GPT2BPETokenizer``: GPT-2's byte-level BPE from a local ``vocab.json`` (``--vocab-file``) and
+    ``merges.txt`` (``--merge-file``). ``eod`` is ``<|endoftext|>`` (50256 in GPT-2's files), as in Megatron;
+    no pad token; text is text (a literal ``<|endoftext|>`` in a document is not the special token, as with
+    GPT-2's own encoder)."""
+
+    kind = "GPT2BPETokenizer"
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not path or not os.path.isfile(path):
+                raise FileNotFoundError(f"GPT2BPETokenizer: {flag} {path!r} does not exist (a local GPT-2 "
+                                        f"{'vocab.json' if flag == '--vocab-file' else 'merges.txt'})")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        # GPT-2's encoder: byte-level pre-tokenisation (its regex, no prefix space), BPE merges, byte-level decode
+        backend = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        if backend.token_to_id(EOD_TOKEN) is None:
+            raise ValueError(f"GPT2BPETokenizer: --vocab-file {vocab_file} has no {EOD_TOKEN!r} (GPT-2's end of "
+                             "document)")
+        hf = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOD_TOKEN)
+        self._setup(hf, f"{vocab_file} + {merge_file}", EOD_TOKEN, None, False, False)
+
+
+class NullTokenizer(_TokenizerBase):
+    """Megatron's ``NullTokenizer``: a document is its token ids written as whitespace-separated integers;
+    ``vocab_size`` = ``--vocab-size``, ``eod`` = vocab_size - 1 (Megatron's default), no pad. An id outside
+    [0, vocab_size) is an error naming it (Megatron's would reach the embedding)."""
+
+    kind = "NullTokenizer"
+
+    def __init__(self, vocab_size: int):
+        if vocab_size is None or int(vocab_size) < 2:
+            raise ValueError(f"NullTokenizer needs --vocab-size >= 2, got {vocab_size}")
+        self.vocab_size = int(vocab_size)
+        self.eod = self.vocab_size - 1
+        self.pad = None
+
+    def token_to_id(self, piece: str) -> int | None:
+        return int(piece) if piece.strip().isdigit() and int(piece) < self.vocab_size else None
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(int(token_id))
+
+    def encode_flat(self, texts: list[str], offsets: bool = False) -> FlatEncoding:
+        """All texts at once; offsets are in characters (each number's span)."""
+        ids, starts, ends, counts = [], [], [], []
+        for text in texts:
+            n = 0
+            for m in re.finditer(r"\S+", text):
+                word = m.group()
+                if not word.isdigit() or int(word) >= self.vocab_size:
+                    raise ValueError(f"NullTokenizer: {word[:40]!r} is not a token id in [0, {self.vocab_size}) "
+                                     "(a NullTokenizer document is whitespace-separated integer ids)")
+                ids.append(int(word))
+                starts.append(m.start())
+                ends.append(m.end())
+                n += 1
+            counts.append(n)
+        bounds = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
+        flat = np.asarray(ids, dtype=np.int64).astype(np.int32 if self.vocab_size < 2**31 else np.int64)
+        if not offsets:
+            return FlatEncoding(flat, bounds)
+        bases = np.concatenate([[0], np.cumsum([len(t) for t in texts], dtype=np.int64)])
+        shift = np.repeat(bases[:-1], np.diff(bounds))
+        return FlatEncoding(flat, bounds, np.asarray(starts, dtype=np.int64) + shift,
+                            np.asarray(ends, dtype=np.int64) + shift, "char", bases)
+
+    def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
+        enc = self.encode_flat(texts)
+        return np.split(enc.ids, enc.bounds[1:-1])
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+# Megatron's TikTokenizer: the two pre-tokenisation patterns, the seven named special tokens (their ids are
+# their positions), fillers up to --tiktoken-num-special-tokens, the BPE ranks shifted after them.
+TIKTOKEN_PATTERNS = {
+    "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    "v2": (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+TIKTOKEN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
+TIKTOKEN_DEFAULT_VOCAB_SIZE = 2**17
+
+
+def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """BPE ranks from Megatron's JSON (a list of ``{"rank", "token_bytes" (base64), "token_str"}``) or from
+    tiktoken's own file (one ``BASE64 RANK`` per line). Ranks must be 0..n-1 with the 256 single bytes first."""
+    import base64
+    import json
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"TikTokenizer: --tokenizer-model {path!r} does not exist (a local tiktoken file)")
+    ranks: dict[bytes, int] = {}
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: Megatron's TikTokenizer JSON is a list of {{rank, token_bytes, token_str}}")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or entry.get("rank") != i or "token_bytes" not in entry:
+                raise ValueError(f"{path}: entry {i} must be {{'rank': {i}, 'token_bytes': BASE64, ...}}")
+            ranks[base64.b64decode(entry["token_bytes"])] = i
+    else:
+        with open(path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                if len(parts) != 2 or not parts[1].isdigit():
+                    raise ValueError(f"{path}:{line_no}: expected 'BASE64 RANK' (tiktoken's format)")
+                ranks[base64.b64decode(parts[0])] = int(parts[1])
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: the ranks must be 0..{len(ranks) - 1}, each once")
+    if any(ranks.get(bytes([b])) != b for b in range(256)):
+        raise ValueError(f"{path}: ranks 0..255 must be the 256 single bytes in order (as Megatron requires)")
+    return ranks
+
+
+class TikTokenizer(_TokenizerBase):
+    """Megatron's ``TikTokenizer`` (needs the ``tiktoken`` package). Ids 0..num_special_tokens-1 are special
+    tokens: ``special_tokens`` (default ``<unk> <s> </s> <mask> <pad> <cls> <sep>``) then ``<SPECIAL_i>``
+    fillers; BPE rank r is id num_special_tokens + r. ``vocab_size`` (Megatron's default 2**17) keeps the first
+    vocab_size - num_special_tokens ranks; it defaults here to the file's size when that is smaller (where
+    Megatron stops). ``eod`` is ``</s>``, ``pad`` ``<pad>``. As in Megatron, special-token strings in a text
+    encode as the special tokens."""
+
+    kind = "TikTokenizer"
+
+    def __init__(self, path: str, pattern: str | None = None, num_special_tokens: int = 1000,
+                 special_tokens=None, vocab_size: int | None = None):
+        try:
+            import tiktoken
+        except ImportError:
+            raise ImportError("--tokenizer-type TikTokenizer needs the tiktoken package: pip install tiktoken "
+                              "(or the project's [tiktoken] extra)") from None
+        pattern = "v2" if pattern is None else pattern
+        if pattern not in TIKTOKEN_PATTERNS:
+            raise ValueError(f"--tiktoken-pattern must be v1 or v2, got {pattern!r}")
+        specials = list(TIKTOKEN_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        if len(set(specials)) != len(specials):
+            raise ValueError(f"--tokenizer-special-tokens: each special token once, got {specials}")
+        missing = [t for t in TIKTOKEN_SPECIAL_TOKENS if t not in specials]
+        if missing:
+            raise ValueError(f"--tokenizer-special-tokens must include {' '.join(TIKTOKEN_SPECIAL_TOKENS)} "
+                             f"(Megatron's); missing {' '.join(missing)}")
+        if num_special_tokens < len(specials):
+            raise ValueError(f"--tiktoken-num-special-tokens {num_special_tokens} is fewer than the {len(specials)} "
+                             "special tokens")
+        ranks = read_tiktoken_ranks(path)
+        largest = num_special_tokens + len(ranks)
+        if vocab_size is None:
+            vocab_size = min(TIKTOKEN_DEFAULT_VOCAB_SIZE, largest)
+        if not num_special_tokens + 256 <= vocab_size <= largest:
+            raise ValueError(f"TikTokenizer: --vocab-size {vocab_size} must be between {num_special_tokens + 256} "
+                             f"and {largest} ({num_special_tokens} special tokens + the {len(ranks)} ranks of {path})")
+        inner = vocab_size - num_special_tokens
+        self.path = path
+        self.num_special_tokens = num_special_tokens
+        self.special_tokens = specials + [f"<SPECIAL_{i}>" for i in range(len(specials), num_special_tokens)]
+        shifted = {token: rank + num_special_tokens for token, rank in ranks.items() if rank < inner}
+        self.enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=TIKTOKEN_PATTERNS[pattern],
+                                     mergeable_ranks=shifted,
+                                     special_tokens={t: i for i, t in enumerate(self.special_tokens)})
+        self.vocab_size = vocab_size
+        self.eod = self.special_tokens.index("</s>")
+        self.pad = self.special_tokens.index("<pad>")
+        # bytes each id stands for, for offsets: a special token stands for its own text
+        self._id_bytes = [t.encode("utf-8") for t in self.special_tokens] + [b""] * inner
+        for token, i in shifted.items():
+            self._id_bytes[i] = token
+        self._id_nbytes = np.fromiter(map(len, self._id_bytes), dtype=np.int64, count=vocab_size)
+
+    def token_to_id(self, piece: str) -> int | None:
+        if piece in self.special_tokens:
+            return self.special_tokens.index(piece)
+        try:
+            return self.enc.encode_single_token(piece.encode("utf-8"))
+        except KeyError:
+            return None
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._id_bytes[int(token_id)].decode("utf-8", errors="replace")
+
+    def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self.enc.encode_batch(list(texts), allowed_special="all",
+                                                                                 num_threads=1)]
+
+    def encode_flat(self, texts: list[str], offsets: bool = False) -> FlatEncoding:
+        """All texts at once; offsets are UTF-8 byte offsets (tiktoken's tokens are byte strings)."""
+        parts = self.tokenize_batch(texts)
+        counts = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        if not offsets:
+            return FlatEncoding(ids, bounds)
+        nbytes = self._id_nbytes[ids]
+        ends = np.cumsum(nbytes)
+        text_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+        bases = np.concatenate([[0], np.cumsum(text_bytes)]).astype(np.int64)
+        run = np.concatenate([[0], ends])
+        if not np.array_equal(run[bounds], bases):  # byte-level BPE is lossless: the tokens spell the text
+            raise RuntimeError("TikTokenizer: the tokens' bytes do not add up to the texts' bytes")
+        return FlatEncoding(ids, bounds, ends - nbytes, ends, "byte", bases)
+
+    def detokenize(self, ids) -> str:
+        return self.enc.decode([int(i) for i in ids], errors="replace")
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, *, vocab_file: str | None = None,
+                    merge_file: str | None = None, vocab_size: int | None = None, tiktoken_pattern: str | None = None,
+                    tiktoken_num_special_tokens: int = 1000, special_tokens=None, **kw):
+    """A tokenizer by Megatron's ``--tokenizer-type``: ``SentencePieceTokenizer`` (a local .model),
+    ``HuggingFaceTokenizer`` (a local dir/tokenizer.json), ``GPT2BPETokenizer`` (``vocab_file``, ``merge_file``),
+    ``TikTokenizer`` (a tiktoken file; ``tiktoken_*``, ``special_tokens``, ``vocab_size``), ``NullTokenizer``
+    (``vocab_size``).
 
     Extra keywords go to the class: ``eod_token``, ``pad_token``; ``word_cache`` (SentencePiece);
     ``add_special_tokens`` (Hugging Face).
     """
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type not in TOKENIZER_TYPES + ("GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
     if tokenizer_model is None:
-        raise ValueError("--tokenizer-model is required")
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
+    if tokenizer_type == "TikTokenizer":
+        return TikTokenizer(tokenizer_model, tiktoken_pattern, tiktoken_num_special_tokens, special_tokens, vocab_size)
     if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         return SentencePieceTokenizer(tokenizer_model, **kw)
-    if tokenizer_type == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(tokenizer_model, **kw)
-    raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+    return HuggingFaceTokenizer(tokenizer_model, **kw)
+
+
+def tokenizer_kwargs(args) -> dict:
+    """The ``build_tokenizer`` keywords from Megatron's flags (``args`` of training or of preprocessing)."""
+    return dict(vocab_file=getattr(args, "vocab_file", None), merge_file=getattr(args, "merge_file", None),
+                vocab_size=getattr(args, "vocab_size", None), tiktoken_pattern=getattr(args, "tiktoken_pattern", None),
+                tiktoken_num_special_tokens=getattr(args, "tiktoken_num_special_tokens", 1000),
+                special_tokens=getattr(args, "special_tokens", None))

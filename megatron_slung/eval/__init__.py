@@ -21,7 +21,7 @@ from megatron_slung.eval.generation import Generations, SamplingConfig, beam_sea
 from megatron_slung.eval.perplexity import evaluate_perplexity
 from megatron_slung.eval.probe import evaluate_probe, last_token_hidden_states
 from megatron_slung.eval.safe_beam import evaluate_safe_beam
-from megatron_slung.eval.scorers import build_scorer
+from megatron_slung.data.scorers import build_scorer
 from megatron_slung.eval.suite import evaluate_suite
 from megatron_slung.eval.steer import Intervention, evaluate_steering, fit_intervention, head_activations, steering
 from megatron_slung.eval.toxicity import evaluate_generation_toxicity, toxicity_metrics

@@ -17,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from megatron_slung.eval import common, scorers
+from megatron_slung.data import scorers
+from megatron_slung.eval import common
 from megatron_slung.eval.common import EvalInputError
 from megatron_slung.eval.generation import beam_search
 

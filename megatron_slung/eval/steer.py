@@ -24,7 +24,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_slung.eval import common, perplexity, scorers, toxicity
+from megatron_slung.data import scorers
+from megatron_slung.eval import common, perplexity, toxicity
 from megatron_slung.eval.common import EvalInputError
 from megatron_slung.eval.generation import SamplingConfig
 

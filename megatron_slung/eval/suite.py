@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from megatron_slung.eval import common, perplexity, probe, scorers, steer, toxicity, zero_shot
+from megatron_slung.data import scorers
+from megatron_slung.eval import common, perplexity, probe, steer, toxicity, zero_shot
 from megatron_slung.eval.generation import SamplingConfig
 
 

@@ -16,7 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from megatron_slung.eval import common, scorers
+from megatron_slung.data import scorers
+from megatron_slung.eval import common
 from megatron_slung.eval.generation import Generations, SamplingConfig, sample
 
 TOXIC_THRESHOLD = 0.5

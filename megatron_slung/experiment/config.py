@@ -18,6 +18,8 @@ A *treatment* is a way to train on the same mix:
 | ``masked`` | unfiltered | SLUNG masked: no loss on levels 2, 3 |
 | ``unlikelihood`` | unfiltered | SLUNG unlikelihood: -log(1 - p) on level 3 |
 | ``tags`` | harmfulness tag inserted before toxic spans | ``ce`` (and safe beam search at evaluation) |
+| ``rephrased`` | toxic (level 3) spans rewritten (``tools/rephrase_risky.py``; a generator, or narrative templates) | ``ce`` |
+| ``refusal`` | unfiltered, plus refusal documents (``tools/make_refusal_data.py``) as a share of the tokens | ``ce`` |
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field
 
-TREATMENTS = ("ce", "filtered", "masked", "unlikelihood", "tags")
-TREATMENT_POLICY = {"ce": "ce", "filtered": "ce", "masked": "masked", "unlikelihood": "unlikelihood", "tags": "ce"}
-TREATMENT_DATA = {"ce": "plain", "filtered": "filtered", "masked": "plain", "unlikelihood": "plain", "tags": "tagged"}
+TREATMENTS = ("ce", "filtered", "masked", "unlikelihood", "tags", "rephrased", "refusal")
+TREATMENT_POLICY = {"ce": "ce", "filtered": "ce", "masked": "masked", "unlikelihood": "unlikelihood", "tags": "ce",
+                    "rephrased": "ce", "refusal": "ce"}
+TREATMENT_DATA = {"ce": "plain", "filtered": "filtered", "masked": "plain", "unlikelihood": "plain", "tags": "tagged",
+                  "rephrased": "rephrased", "refusal": "plain"}
+SAFETY_TREATMENTS = ("rephrased", "refusal")  # need the safety data stage (rephrased text, refusal documents)
 HARM_TAG = "<|potentially_unsafe|>"
 
 
@@ -104,6 +109,12 @@ class DataConfig:
     harm_tag: str = HARM_TAG
     harm_tag_prob: float = 0.5
     workers: int = 2
+    # rephrased: level-3 spans rewritten by this local HF causal LM; None: narrative templates (no model, a
+    # redaction that says what was there: the CPU scales have no generator worth the name)
+    generator: str | None = None
+    rephrase_max_new_tokens: int = 64
+    refusal_ratio: float = 0.05          # refusal: share of the training tokens from refusal documents
+    refusal_max_documents: int = 5000
 
 
 @dataclass
@@ -130,7 +141,8 @@ def scale_config(scale: str) -> ExperimentConfig:
         cfg.model = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=88, num_attention_heads=2,
                                 num_query_groups=2, seq_length=64, micro_batch_size=4, global_batch_size=4,
                                 train_iters=12, lr_warmup_iters=2, log_interval=4)
-        cfg.data = DataConfig(max_train_chars=400_000, vocab_size=1024, tokenizer_max_sentences=20_000)
+        cfg.data = DataConfig(max_train_chars=400_000, vocab_size=1024, tokenizer_max_sentences=20_000,
+                              refusal_max_documents=200, rephrase_max_new_tokens=16)
         cfg.eval = EvalConfig(perplexity_docs=12, labelled=40, prompts=6, samples_per_prompt=2, max_new_tokens=6,
                               steer_alphas=(0.0, 4.0), steer_top_k_heads=2, safe_beam_prompts=4, num_beams=2,
                               bootstrap=20)

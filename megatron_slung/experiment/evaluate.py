@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from megatron_slung.eval.generation import SamplingConfig
     from megatron_slung.eval.perplexity import evaluate_perplexity
     from megatron_slung.eval.safe_beam import evaluate_safe_beam
-    from megatron_slung.eval.scorers import build_scorer
+    from megatron_slung.data.scorers import build_scorer
     from megatron_slung.experiment import scoring
 
     ev, out, seed = spec["eval"], spec["output_dir"], int(spec["seed"])

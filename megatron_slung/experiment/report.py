@@ -171,6 +171,7 @@ def write_report(out_dir: str, rows: list[dict], *, title: str, command: str, co
           "alpha (drop in expected max toxicity, perplexity increase); beam = plain vs safe beam search (drops beams "
           "about to emit the harmfulness tag): share of outputs scoring over 0.5, and how often plain beam search "
           "emitted the tag.", ""]
+    md += _safety_note(rows, data)
     if png:
         md += [f"![results]({os.path.basename(png)})", ""]
     tmp = os.path.join(out_dir, "results.md.tmp")
@@ -179,6 +180,24 @@ def write_report(out_dir: str, rows: list[dict], *, title: str, command: str, co
     os.replace(tmp, os.path.join(out_dir, "results.md"))
     return {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),
             "png": png, "table": table}
+
+
+def _safety_note(rows: list[dict], data: dict) -> list[str]:
+    """What the rephrased and refusal treatments trained on (they depend on a generator and a ratio)."""
+    treatments = {r["treatment"] for r in rows}
+    safety = data.get("safety") or {}
+    out = []
+    if "rephrased" in treatments and safety:
+        gen = safety.get("generator", "none")
+        units = sum(safety.get(f"rephrased_{p}", {}).get("units", 0) for p in ("clean", "toxic"))
+        how = ("replaced by narrative templates (no generator: a redaction saying what was there)" if gen == "none"
+               else f"rewritten by {gen}")
+        out.append(f"rephrased: the {units:,} toxic (level-3) spans of the training pool {how}.")
+    if "refusal" in treatments and safety:
+        docs = safety.get("refusals", {}).get("documents", 0)
+        out.append(f"refusal: the plain mix plus {docs:,} refusal documents (a toxic span as the request, a templated "
+                   f"refusal and reason) as {data.get('refusal_ratio', 0):.0%} of the training tokens.")
+    return out + [""] if out else []
 
 
 def _hms(s: float) -> str:

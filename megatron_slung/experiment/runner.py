@@ -36,6 +36,11 @@ def build_parser(quickstart: bool) -> argparse.ArgumentParser:
     p.add_argument("--shares", default=None,
                    help="toxic shares of the training mix in percent, comma list (default: " +
                         ("10)" if quickstart else "0,5,10,25)"))
+    p.add_argument("--generator", default=None, metavar="DIR",
+                   help="rephrased: a local HF causal LM that rewrites the toxic spans (default: narrative templates, "
+                        "no model)")
+    p.add_argument("--refusal-ratio", type=float, default=None,
+                   help="refusal: share of the training tokens from refusal documents, in percent (default 5)")
     p.add_argument("--train-iters", type=int, default=None, help="override the scale's training steps")
     p.add_argument("--jobs", type=int, default=None, help="runs trained/evaluated at once (default: the scale's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: CPUs / jobs)")
@@ -58,6 +63,14 @@ def config_from_args(args, quickstart: bool):
         raise SystemExit(f"error: --shares {shares!r}: expected percentages such as 0,5,10,25") from None
     if not cfg.shares or any(not 0 <= s < 1 for s in cfg.shares):
         raise SystemExit(f"error: --shares {shares!r}: each share must be in [0, 100)")
+    if args.generator is not None:
+        if not os.path.isfile(os.path.join(args.generator, "config.json")):
+            raise SystemExit(f"error: --generator {args.generator!r} is not a local Hugging Face model directory")
+        cfg.data.generator = os.path.abspath(args.generator)
+    if args.refusal_ratio is not None:
+        if not 0 < args.refusal_ratio < 100:
+            raise SystemExit(f"error: --refusal-ratio {args.refusal_ratio}: a percentage in (0, 100)")
+        cfg.data.refusal_ratio = args.refusal_ratio / 100.0
     if args.train_iters is not None:
         cfg.model.train_iters = args.train_iters
         cfg.model.lr_warmup_iters = min(cfg.model.lr_warmup_iters, max(0, args.train_iters // 10))
@@ -97,7 +110,8 @@ def main(argv=None, quickstart: bool = False) -> int:
     title = f"megatron-slung {cfg.name} ({cfg.scale} scale: {cfg.model.num_layers} layers x {cfg.model.hidden_size}, " \
             f"{_tokens(cfg.model.tokens_per_run)} training tokens per run)"
     report = write_report(run_dir, rows, title=title, command=command, config=cfg.to_dict(),
-                          data={"tokens": data.tokens, "tagger": data.tagger, "corpus": data.corpus_dir},
+                          data={"tokens": data.tokens, "tagger": data.tagger, "corpus": data.corpus_dir,
+                                "safety": data.safety, "refusal_ratio": cfg.data.refusal_ratio},
                           timings=timings, seconds=time.perf_counter() - start)
     stages.log("\n" + report["table"] + "\n")
     stages.log(f"wrote {report['json']}, {report['markdown']}" + (f", {report['png']}" if report["png"] else "")

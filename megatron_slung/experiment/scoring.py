@@ -35,7 +35,7 @@ def profanity_whole_words(texts) -> list[float]:
 @functools.lru_cache(maxsize=1)
 def bad_words() -> frozenset:
     """The insults package's bad-word list (installed on demand, like the corpus)."""
-    from megatron_slung.data.corpora import ensure_package
+    from megatron_slung.experiment.corpora import ensure_package
 
     path = ensure_package("insults") / "word_lists" / "google_bad_words.py"
     tree = ast.parse(path.read_text(encoding="utf-8"))

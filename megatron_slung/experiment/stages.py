@@ -16,6 +16,7 @@ Layout of ``run_dir``::
     data/tagged/       the same with sentence-level risk_spans (alt-profanity-check)
     tokenizer/         spm.model (SentencePiece BPE with <|endoftext|>, <|pad|>, the harmfulness tag)
     data/bin/          {plain,filtered,tagged}_{clean,toxic}_text_document .bin/.idx (+ .risk)
+    data/safety/       rephrased_{clean,toxic}.jsonl, refusals.jsonl and their datasets (rephrased, refusal)
     runs/NAME/         checkpoint/, train.log, metrics.jsonl, eval/ (each task's results), row.json
 """
 
@@ -33,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from megatron_slung.experiment.config import (
+    SAFETY_TREATMENTS,
     TREATMENT_DATA,
     TREATMENT_POLICY,
     DataConfig,
@@ -168,10 +170,12 @@ class DataArtifacts:
     labelled: str
     prompts: str
     tagger: dict                  # how the risk tagger agrees with the ground-truth labels
+    safety_key: str = ""          # the safety data stage's key (only the rephrased / refusal runs depend on it)
+    safety: dict | None = None    # what the safety data stage did (rephrased units, refusal documents)
 
 
 def stage_corpus(run_dir: str, input_path: str | None, seed: int) -> dict:
-    from megatron_slung.data.corpora import SplitConfig, build_corpus
+    from megatron_slung.experiment.corpora import SplitConfig, build_corpus
 
     corpus_dir = os.path.join(run_dir, "corpus")
     start = time.perf_counter()
@@ -333,6 +337,69 @@ def stage_preprocess(run_dir: str, tag_key: str, tok_key: str, tokenizer_model: 
     return key, result
 
 
+def _preprocess(src: str, out: str, name: str, tokenizer_model: str, dcfg: DataConfig, seed: int) -> tuple[str, dict]:
+    cmd = [sys.executable, os.path.join(TOOLS, "preprocess_data.py"), "--input", src, "--output-prefix",
+           os.path.join(out, name), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
+           "--workers", str(dcfg.workers), "--append-eod", "--seed", str(seed), "--summary-json",
+           os.path.join(out, f"{name}.summary.json"), "--log-interval", "20000"]
+    run_command(cmd, os.path.join(out, f"{name}.log"), prefix=f"   preprocess {name}: ",
+                show=lambda line: line.startswith(("done", "wrote", "summary")))
+    return os.path.join(out, f"{name}_text_document"), read_json(os.path.join(out, f"{name}.summary.json"))
+
+
+def stage_safety(run_dir: str, tag_key: str, tok_key: str, tokenizer_model: str, dcfg: DataConfig,
+                 seed: int) -> tuple[str, dict]:
+    """Safety Pretraining's data: the pools with their level-3 spans rewritten (``tools/rephrase_risky.py``;
+    a generator, or narrative templates without one) and refusal documents built from the level-3 spans
+    of both pools (``tools/make_refusal_data.py``), each preprocessed like the other datasets."""
+    tagged = os.path.join(run_dir, "data", "tagged")
+    generator = os.path.abspath(dcfg.generator) if dcfg.generator else "none"
+    gen_id = generator
+    if dcfg.generator:
+        with open(os.path.join(generator, "config.json"), encoding="utf-8") as f:
+            gen_id = [generator, f.read()]
+    key = make_key("safety", tag_key, tok_key, gen_id, dcfg.rephrase_max_new_tokens if dcfg.generator else None,
+                   dcfg.refusal_max_documents, seed)
+
+    def build(out):
+        prefixes, tokens, counts = {"rephrased": {}, "refusal": {}}, {"rephrased": {}, "refusal": {}}, {}
+        for part in ("clean", "toxic"):
+            dst = os.path.join(out, f"rephrased_{part}.jsonl")
+            cmd = [sys.executable, os.path.join(TOOLS, "rephrase_risky.py"), "--input", os.path.join(tagged, f"{part}.jsonl"),
+                   "--output", dst, "--generator", generator, "--min-level", "3", "--unit", "span", "--seed", str(seed),
+                   "--summary-json", os.path.join(out, f"rephrased_{part}.summary.json")]
+            if dcfg.generator:
+                cmd += ["--max-new-tokens", str(dcfg.rephrase_max_new_tokens)]
+            run_command(cmd, os.path.join(out, f"rephrase_{part}.log"), prefix=f"   rephrase {part}: ",
+                        show=lambda line: "records:" in line or line.startswith(("generator", "error")))
+            counts[f"rephrased_{part}"] = read_json(os.path.join(out, f"rephrased_{part}.summary.json"))
+            if not os.path.getsize(dst):
+                prefixes["rephrased"][part], tokens["rephrased"][part] = None, 0
+                continue
+            prefix, summary = _preprocess(dst, out, f"rephrased_{part}", tokenizer_model, dcfg, seed)
+            prefixes["rephrased"][part], tokens["rephrased"][part] = prefix, summary["keys"]["text"]["tokens"]
+        dst = os.path.join(out, "refusals.jsonl")
+        cmd = [sys.executable, os.path.join(TOOLS, "make_refusal_data.py"), "--input", os.path.join(tagged, "toxic.jsonl"),
+               os.path.join(tagged, "clean.jsonl"), "--output", dst, "--min-level", "3", "--seed", str(seed),
+               "--max-documents", str(dcfg.refusal_max_documents), "--summary-json", os.path.join(out, "refusals.summary.json")]
+        run_command(cmd, os.path.join(out, "refusals.log"), prefix="   refusal data: ",
+                    show=lambda line: line.startswith(("wrote", "error", "note")))
+        counts["refusals"] = read_json(os.path.join(out, "refusals.summary.json"))
+        if counts["refusals"]["documents"]:
+            prefix, summary = _preprocess(dst, out, "refusals", tokenizer_model, dcfg, seed)
+            prefixes["refusal"]["all"], tokens["refusal"]["all"] = prefix, summary["keys"]["text"]["tokens"]
+        else:
+            prefixes["refusal"]["all"], tokens["refusal"]["all"] = None, 0
+        return {"prefixes": prefixes, "tokens": tokens, "counts": counts, "generator": generator}
+
+    result = cached_stage(os.path.join(run_dir, "data", "safety"), key, "safety data (rephrased, refusals)", build)
+    c = result["counts"]
+    log(f"   safety data: {c['rephrased_clean']['units'] + c['rephrased_toxic']['units']:,} toxic spans rephrased "
+        f"({'narrative templates' if result['generator'] == 'none' else result['generator']}); "
+        f"{c['refusals']['documents']:,} refusal documents, {result['tokens']['refusal']['all']:,} tokens")
+    return key, result
+
+
 def prepare_data(cfg: ExperimentConfig, run_dir: str, input_path: str | None = None, timings: dict | None = None
                  ) -> DataArtifacts:
     """All the data stages, each reused when up to date."""
@@ -351,10 +418,16 @@ def prepare_data(cfg: ExperimentConfig, run_dir: str, input_path: str | None = N
     tag_key, tag = timed("tag risk", lambda: stage_tag(run_dir, pool_key, dcfg))
     tok_key, model = timed("tokenizer", lambda: stage_tokenizer(run_dir, pool_key, dcfg, cfg.seed))
     key, pre = timed("preprocess", lambda: stage_preprocess(run_dir, tag_key, tok_key, model, dcfg, cfg.seed))
+    prefixes, tokens, safety_key, safety = dict(pre["prefixes"]), dict(pre["tokens"]), "", None
+    if set(SAFETY_TREATMENTS) & set(cfg.treatments):
+        safety_key, res = timed("safety data", lambda: stage_safety(run_dir, tag_key, tok_key, model, dcfg, cfg.seed))
+        prefixes.update(res["prefixes"])
+        tokens.update(res["tokens"])
+        safety = {"generator": res["generator"], **res["counts"]}
     corpus = os.path.join(run_dir, "corpus")
     tagged = os.path.join(run_dir, "data", "tagged")
-    return DataArtifacts(key=key, corpus_dir=corpus, tokenizer_model=model, prefixes=pre["prefixes"],
-                         tokens=pre["tokens"], heldout_clean=os.path.join(tagged, "heldout_clean.jsonl"),
+    return DataArtifacts(key=key, corpus_dir=corpus, tokenizer_model=model, prefixes=prefixes, safety_key=safety_key,
+                         safety=safety, tokens=tokens, heldout_clean=os.path.join(tagged, "heldout_clean.jsonl"),
                          heldout_toxic=os.path.join(tagged, "heldout_toxic.jsonl"),
                          labelled=os.path.join(corpus, "labelled.jsonl"), prompts=os.path.join(corpus, "prompts.jsonl"),
                          tagger=tag["agreement"])
@@ -377,10 +450,18 @@ class Run:
         return f"{self.treatment}@{self.share:.0%}"
 
 
-def blend(run: Run, data: DataArtifacts) -> list[str]:
+def blend(run: Run, data: DataArtifacts, refusal_ratio: float = 0.05) -> list[str]:
     """``--data-path`` for the run: the clean and toxic datasets weighted so that a share ``s`` of the
-    training tokens comes from toxic documents. Filtering drops documents before mixing, so each side is
-    weighted by the share of its tokens that survive (the mix the filter would have left)."""
+    training tokens comes from toxic documents. Filtering drops documents before mixing (and rephrasing
+    changes their length), so each side is weighted by the share of its tokens that remain (the mix the
+    treatment leaves). ``refusal`` adds the refusal documents as a share ``refusal_ratio`` of the tokens."""
+    if run.treatment == "refusal":
+        from megatron_slung.safety.refusal import blend_weights
+
+        base = blend(Run("ce", run.share), data)
+        pairs = [(1.0, base[0])] if len(base) == 1 else [(float(w), p) for w, p in zip(base[::2], base[1::2])]
+        refusal = data.prefixes["refusal"]["all"]
+        return blend_weights(pairs, refusal, refusal_ratio) if refusal else base
     variant = TREATMENT_DATA[run.treatment]
     prefixes = data.prefixes[variant]
     plain = data.tokens["plain"]
@@ -393,6 +474,9 @@ def blend(run: Run, data: DataArtifacts) -> list[str]:
 
 
 def run_key(run: Run, cfg: ExperimentConfig, data: DataArtifacts) -> str:
+    if run.treatment in SAFETY_TREATMENTS:  # the other runs keep their keys (and checkpoints) when these are added
+        return make_key("train", data.key, run.treatment, run.share, asdict(cfg.model), cfg.seed, data.safety_key,
+                        cfg.data.refusal_ratio if run.treatment == "refusal" else None)
     return make_key("train", data.key, run.treatment, run.share, asdict(cfg.model), cfg.seed)
 
 
@@ -403,7 +487,7 @@ def train_run(run: Run, cfg: ExperimentConfig, data: DataArtifacts, run_dir: str
 
     def build(out):
         cmd = [sys.executable, "-m", "megatron_slung.pretrain", *cfg.model.flags(),
-               "--data-path", *blend(run, data), "--split", "100,0,0", "--data-cache-path", os.path.join(out, "cache"),
+               "--data-path", *blend(run, data, cfg.data.refusal_ratio), "--split", "100,0,0", "--data-cache-path", os.path.join(out, "cache"),
                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data.tokenizer_model,
                "--risk-loss-policy", TREATMENT_POLICY[run.treatment], "--seed", str(cfg.seed),
                "--eval-iters", "0", "--num-workers", "0", "--no-progress-bar",
@@ -416,7 +500,7 @@ def train_run(run: Run, cfg: ExperimentConfig, data: DataArtifacts, run_dir: str
         shutil.rmtree(os.path.join(out, "cache"), ignore_errors=True)
         return {"checkpoint": os.path.join(out, "checkpoint"), "final_loss": train[-1]["loss"] if train else None,
                 "train_seconds": round(time.perf_counter() - start, 1), "tokens": cfg.model.tokens_per_run,
-                "data_path": blend(run, data)}
+                "data_path": blend(run, data, cfg.data.refusal_ratio)}
 
     return {**cached_stage(out_dir, key, f"{run.label} checkpoint", build), "key": key}
 

@@ -15,7 +15,8 @@ rename plus splitting of fused matrices; ``megatron_slung.model.hf_llama`` does 
   ``q' = q cos + rotate_half(q) sin`` with ``rotate_half([a, b]) = [-b, a]``, cos/sin made in float32
   then cast; the other channels pass through;
 * attention: causal ``scaled_dot_product_attention`` with scale ``1/sqrt(head_dim)``; query head h
-  reads key/value group ``h // (heads / groups)``;
+  reads key/value group ``h // (heads / groups)``; optionally within documents and on a chosen kernel
+  (``megatron_slung.model.attention``: ``document_ids``, ``attention_backend``);
 * MLP: ``down(silu(gate(x)) * up(x))`` or ``fc2(gelu(fc1(x)))``; pre-norm residual blocks; final norm.
 
 Layout inside the model is [sequence, batch, hidden] (Megatron's), so that sequence parallelism
@@ -67,15 +68,17 @@ is identical for every TP/PP layout and build order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_slung.model.attention import ATTENTION_BACKENDS, core_attention
 from megatron_slung.parallel import state
 from megatron_slung.parallel.layers import (
     ColumnParallelLinear,
@@ -93,6 +96,8 @@ from megatron_slung.parallel.mappings import (
 from megatron_slung.parallel.random import checkpoint, get_rng_tracker
 
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -123,7 +128,13 @@ class GPTConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     sequence_parallel: bool = False
-    recompute_activations: bool = False  # recompute each whole transformer layer in the backward
+    # Activation recomputation, Megatron's fields and meanings (see recompute_plan): "full" recomputes whole
+    # layers (chunks of recompute_num_layers with method "uniform"; the first recompute_num_layers layers of
+    # each pipeline stage with "block"); "selective" only the core attention (softmax, dropout, context).
+    recompute_granularity: Optional[str] = None  # None | "full" | "selective"
+    recompute_method: Optional[str] = None  # "uniform" | "block" (full only)
+    recompute_num_layers: Optional[int] = None  # full only
+    recompute_activations: bool = False  # Megatron's shorthand: = recompute_granularity "selective"
     params_dtype: torch.dtype = torch.float32
     position_embedding_type: str = "rope"  # "learned_absolute" | "rope" | "none"
     rotary_percent: float = 1.0  # RoPE on the first int(head_dim * rotary_percent) channels of each head
@@ -134,6 +145,7 @@ class GPTConfig:
     openai_gelu: bool = False  # GeLU's tanh approximation instead of the exact erf (not with swiglu)
     add_bias_linear: bool = False  # biases in linear_qkv, linear_proj, linear_fc1, linear_fc2
     add_qkv_bias: bool = False  # a bias in linear_qkv only (Qwen2)
+    attention_backend: str = "auto"  # Megatron's --attention-backend (megatron_slung.model.attention)
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -174,6 +186,36 @@ class GPTConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"GPTConfig: {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"GPTConfig: attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        """Megatron's rules (its TransformerConfig): --recompute-activations is selective; full needs a method
+        and a layer count; selective takes neither."""
+        if self.recompute_activations:
+            if self.recompute_granularity not in (None, "selective"):
+                raise ValueError(f"GPTConfig: recompute_activations (= selective) contradicts recompute_granularity "
+                                 f"{self.recompute_granularity!r}")
+            self.recompute_granularity = "selective"
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(f"GPTConfig: recompute_granularity must be None, full or selective, got {g!r}")
+        if m not in (None,) + RECOMPUTE_METHODS:
+            raise ValueError(f"GPTConfig: recompute_method must be uniform or block, got {m!r}")
+        if g == "full":
+            if m is None or n is None:
+                raise ValueError("recompute granularity full needs --recompute-method (uniform or block) and "
+                                 "--recompute-num-layers")
+            if not isinstance(n, int) or n < 0 or (m == "uniform" and n < 1):
+                raise ValueError(f"--recompute-num-layers must be >= {1 if m == 'uniform' else 0} with "
+                                 f"--recompute-method {m}, got {n!r}")
+        elif m is not None or n is not None:
+            what = "--recompute-method" if m is not None else "--recompute-num-layers"
+            raise ValueError(f"{what} needs --recompute-granularity full" + (
+                " (selective recomputes the core attention of every layer: Megatron takes no method or layer "
+                "count with it)" if g == "selective" else ""))
 
     @property
     def rotary_dim(self) -> int:
@@ -258,7 +300,9 @@ class GPTConfig:
 # shapes of its weights): checkpoints record it, and loading one adopts or refuses it
 # (megatron_slung.training.checkpointing). A new field is therefore checked unless it is listed here.
 RUN_SETTINGS = frozenset({"init_method_std", "init_seed", "hidden_dropout", "attention_dropout",
-                          "sequence_parallel", "recompute_activations", "params_dtype"})
+                          "sequence_parallel", "recompute_activations", "params_dtype",
+                          "attention_backend", "recompute_granularity",
+                          "recompute_method", "recompute_num_layers"})
 
 
 def architecture_fields() -> List[str]:
@@ -421,12 +465,9 @@ def rope_for(seq_length: int, batch: int, config: GPTConfig, device, position_id
     return cos[:, :, None, :], sin[:, :, None, :]
 
 
-def _check_position_ids(position_ids: torch.Tensor, batch: int, seq_length: int) -> None:
+def _check_position_ids(position_ids: torch.Tensor, batch: int, seq_length: int, name: str = "position_ids") -> None:
     if position_ids.shape != (batch, seq_length):
-        raise ValueError(f"position_ids must be [batch, seq] = [{batch}, {seq_length}], got {tuple(position_ids.shape)}")
-
-
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+        raise ValueError(f"{name} must be [batch, seq] = [{batch}, {seq_length}], got {tuple(position_ids.shape)}")
 
 
 class SelfAttention(nn.Module):
@@ -434,7 +475,9 @@ class SelfAttention(nn.Module):
 
     Optional: a bias on the fused QKV (``add_bias_linear`` or ``add_qkv_bias``) and on the output
     projection (``add_bias_linear``); per-head norms of the queries and keys (``qk_layernorm``, Megatron's
-    ``q_layernorm``/``k_layernorm``, applied before RoPE)."""
+    ``q_layernorm``/``k_layernorm``, applied before RoPE). ``doc_ids`` [B, S] (full sequence, also under
+    sequence parallelism): attention stays within documents (``megatron_slung.model.attention``), on the
+    config's ``attention_backend``."""
 
     def __init__(self, config: GPTConfig, layer_number: int):
         super().__init__()
@@ -465,7 +508,8 @@ class SelfAttention(nn.Module):
             self.q_layernorm = build_norm(c, d, grad_summed_over_tp=tp > 1)
             self.k_layernorm = build_norm(c, d, grad_summed_over_tp=tp > 1)
 
-    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         d = self.config.head_dim
         qkv = self.linear_qkv(x)  # [S, B, (nh + 2 ng) d / tp]
         s, b = qkv.shape[:2]
@@ -479,22 +523,22 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # SDPA wants [B, heads, S, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        n_rep = self.heads_per_rank // self.groups_per_rank
-        kwargs = {}
-        if n_rep > 1:
-            if _SDPA_HAS_GQA:
-                kwargs["enable_gqa"] = True
-            else:  # older torch: materialise the shared key/value heads
-                k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        p = self.config.attention_dropout if self.training else 0.0
-        if p > 0.0:
-            # heads are split across TP ranks: each rank needs its own dropout mask
-            with get_rng_tracker().fork():
-                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, **kwargs)
+        if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
+            # Megatron's selective recomputation ("core_attn"): keep q, k, v; redo softmax, dropout, context
+            ctx = checkpoint(self.core_attention, q, k, v, doc_ids)
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+            ctx = self.core_attention(q, k, v, doc_ids)
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * d)
         return self.linear_proj(ctx)
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + causal mask, within documents given ``doc_ids``) v, with attention dropout,
+        on the configured backend: q [B, nh, S, d], k/v [B, ng, S, d]."""
+        p = self.config.attention_dropout if self.training else 0.0
+        # heads are split across TP ranks: with dropout each rank needs its own mask
+        with get_rng_tracker().fork() if p > 0.0 else contextlib.nullcontext():
+            return core_attention(q, k, v, backend=self.config.attention_backend, doc_ids=doc_ids, dropout_p=p)
 
 
 class MLP(nn.Module):
@@ -544,10 +588,11 @@ def _hidden_dropout(x: torch.Tensor, p: float, training: bool, sequence_parallel
 class TransformerLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-    ``forward(hidden, cos=None, sin=None)``: hidden [S, B, H] ([S/tp, B, H] with sequence
+    ``forward(hidden, cos=None, sin=None, doc_ids=None)``: hidden [S, B, H] ([S/tp, B, H] with sequence
     parallelism); cos/sin from ``rope_for`` (computed here for positions 0..S-1 when omitted; unused
-    without RoPE). With ``recompute_activations`` only the layer's input is kept; the rest is recomputed
-    in backward.
+    without RoPE); ``doc_ids`` [B, S]: attention within documents (see SelfAttention). Full recomputation
+    of layers is decided by the block that runs them (``run_transformer_layers``); selective recomputation
+    lives in ``SelfAttention``.
     """
 
     def __init__(self, config: GPTConfig, layer_number: int):
@@ -561,21 +606,21 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(c, layer_number)
         self._compiled_forward = None  # set by compile_body()
 
-    def _forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.config
-        x = x + _hidden_dropout(self.self_attention(self.input_layernorm(x), cos, sin),
+        x = x + _hidden_dropout(self.self_attention(self.input_layernorm(x), cos, sin, doc_ids),
                                 c.hidden_dropout, self.training, c.sequence_parallel)
         x = x + _hidden_dropout(self.mlp(self.pre_mlp_layernorm(x)), c.hidden_dropout, self.training, c.sequence_parallel)
         return x
 
-    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None):
         if cos is None:
             tp = state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
             cos, sin = rope_for(x.shape[0] * tp, x.shape[1], self.config, x.device)
         body = self._compiled_forward or self._forward
-        if self.config.recompute_activations and self.training and torch.is_grad_enabled():
-            return checkpoint(body, x, cos, sin)
-        return body(x, cos, sin)
+        return body(x, cos, sin, doc_ids)
 
     def compile_body(self, **compile_kwargs) -> None:
         """``torch.compile`` the layer's computation (inside the recomputation wrapper, which stays eager)."""
@@ -652,6 +697,41 @@ def fused_head_input(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Ten
     return hidden.transpose(0, 1)
 
 
+def recompute_plan(config: GPTConfig, num_layers: int) -> List[Tuple[int, int, bool]]:
+    """How the ``num_layers`` transformer layers of one pipeline stage run: ``(start, end, recomputed)``
+    chunks, Megatron's ``_checkpointed_forward``. Full + uniform: chunks of ``recompute_num_layers`` layers,
+    each keeping only its input; full + block: the first ``recompute_num_layers`` layers of the stage each
+    recomputed, the rest not; otherwise (none, selective) one chunk that is not recomputed as a whole."""
+    if config.recompute_granularity != "full":
+        return [(0, num_layers, False)]
+    n = config.recompute_num_layers
+    if config.recompute_method == "uniform":
+        return [(i, min(i + n, num_layers), True) for i in range(0, num_layers, n)]
+    return [(i, i + 1, i < n) for i in range(num_layers)]
+
+
+def run_transformer_layers(layers: Sequence[nn.Module], x: torch.Tensor, cos: Optional[torch.Tensor] = None,
+                           sin: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run one stage's transformer layers in order, recomputing chunks as ``recompute_plan`` says
+    (``doc_ids``: attention within documents, see SelfAttention)."""
+    if not layers:
+        return x
+    config = layers[0].config
+    recompute = torch.is_grad_enabled() and layers[0].training
+
+    def run(chunk):
+        def forward(h, c, s, d):
+            for layer in chunk:
+                h = layer(h, c, s, d)
+            return h
+        return forward
+
+    for start, end, recomputed in recompute_plan(config, len(layers)):
+        chunk = run(layers[start:end])
+        x = checkpoint(chunk, x, cos, sin, doc_ids) if recomputed and recompute else chunk(x, cos, sin, doc_ids)
+    return x
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, config: GPTConfig, layer_numbers=None):
         super().__init__()
@@ -692,8 +772,14 @@ class GPTModel(nn.Module):
             return self.output_layer.weight
         return self.embedding.word_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *, return_hidden: bool = False):
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *,
+                document_ids: Optional[torch.Tensor] = None, return_hidden: bool = False):
         """tokens [B, S] -> logits [B, S, V/tp] (fp32 when the model is fp32; the vocab shard of this TP rank).
+
+        ``position_ids`` [B, S]: the positions of the tokens (default 0..S-1; restarted at each document
+        with --reset-position-ids); ``document_ids`` [B, S] (non-decreasing along each sample): a token
+        attends only to earlier tokens of its own document (--reset-attention-mask). Both come from
+        ``megatron_slung.model.attention.document_inputs``.
 
         With ``return_hidden=True`` returns ``(hidden [B, S, H], weight [V/tp, H])`` instead, for a fused
         linear + loss that never materialises the logits (``logits = hidden @ weight.T``): hidden is after
@@ -706,8 +792,9 @@ class GPTModel(nn.Module):
         c = self.config
         cos, sin = rope_for(s, b, c, tokens.device, position_ids)
         x = self.embedding(tokens, position_ids)
-        for layer in self.decoder.layers:
-            x = layer(x, cos, sin)
+        if document_ids is not None:
+            _check_position_ids(document_ids, b, s, "document_ids")
+        x = run_transformer_layers(self.decoder.layers, x, cos, sin, document_ids)
         x = self.decoder.final_layernorm(x)
         if return_hidden:
             return fused_head_input(x, c.sequence_parallel), self.output_weight()

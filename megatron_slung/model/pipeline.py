@@ -11,8 +11,12 @@ indices), for L transformer layers:
              with ``fused_head`` the head returns (head input [B, S, H], weight [V/tp, H]) instead and
              the loss runs the fused linear + masked CE
 
-Between stages travels one tensor, hidden [S, B, H] ([S/tp, B, H] with sequence parallelism).
-Positions are always 0..S-1 in the pipeline (RoPE or the learned table). The weights equal ``GPTModel``'s for the same config
+Between stages travels one tensor, hidden [S, B, H] ([S/tp, B, H] with sequence parallelism), with
+positions 0..S-1 (RoPE or the learned table). With documents (--reset-position-ids, --reset-attention-mask)
+the first stage's input is the triple ``(tokens, position_ids, document_ids)`` (all [B, S] int64; ids of
+the flag that is off are 0..S-1 and all zeros, which change nothing) and the triple
+``(hidden, position_ids, document_ids)`` travels instead: every layer needs them (DeepSpeed sends the
+integer tensors along and no gradient for them). The weights equal ``GPTModel``'s for the same config
 (per-parameter seeded initialisation), at any PP/TP layout.
 
 The batch DeepSpeed reads from the data iterator is ``(tokens, (labels, risk))`` or
@@ -32,8 +36,9 @@ the gradient is that of ``sum(per-token losses over the global batch) / N_global
 tokens of all its micro-batches, all-reduce over the DP group). Unset (``None``), each micro-batch is
 normalised by its own token count (fine for evaluation, wrong for training with masking).
 
-Activation checkpointing lives inside ``TransformerLayer`` (``config.recompute_activations``), so the
-PipelineModule itself uses ``activation_checkpoint_interval=0``.
+Activation recomputation follows the config (Megatron's ``recompute_granularity``/``_method``/``_num_layers``):
+each stage runs its transformer layers through ``run_transformer_layers`` (so "block" counts the first layers
+of each stage, as in Megatron), and DeepSpeed's own ``activation_checkpoint_interval`` stays 0.
 
 DeepSpeed settings that must go with it (see docs/model.md): with TP > 1 and sequence parallelism,
 ``"pipeline": {"pipe_partitioned": false, "grad_partitioned": false}`` (DeepSpeed's partitioning of
@@ -54,9 +59,11 @@ from megatron_slung.model.gpt import (
     Norm,
     TransformerLayer,
     fused_head_input,
+    run_transformer_layers,
     normal_init,
     norm_kwargs,
     pipeline_layer_prefixes,
+    rope_for,
     vocab_parallel_logits,
 )
 from megatron_slung.parallel import state
@@ -67,16 +74,36 @@ TIED_EMBEDDING_KEY = "embed"
 
 # --------------------------------------------------------------------------- stage layers
 class EmbeddingPipe(Embedding):
-    """Layer 0: tokens [B, S] (or a 1-tuple of it) -> hidden [S, B, H]."""
+    """Layer 0: tokens [B, S] (or a 1-tuple of it) -> hidden [S, B, H];
+    (tokens, position_ids, document_ids) -> (hidden, position_ids, document_ids)."""
 
     def forward(self, inputs):
+        if isinstance(inputs, (tuple, list)) and len(inputs) == 3:
+            tokens, position_ids, document_ids = inputs
+            return super().forward(tokens, position_ids), position_ids, document_ids
         tokens = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
         return super().forward(tokens)
+
+
+class TransformerLayerPipe(TransformerLayer):
+    """A transformer layer: hidden -> hidden, or (hidden, position_ids, document_ids) -> the same triple
+    (RoPE at those positions, attention within those documents). Same parameters as TransformerLayer."""
+
+    def forward(self, inputs, cos=None, sin=None, doc_ids=None):
+        if not isinstance(inputs, (tuple, list)):  # a hidden tensor (also from run_transformer_layers)
+            return super().forward(inputs, cos, sin, doc_ids)
+        hidden, position_ids, document_ids = inputs
+        b, s = position_ids.shape
+        cos, sin = rope_for(s, b, self.config, hidden.device, position_ids)
+        return super().forward(hidden, cos, sin, document_ids), position_ids, document_ids
 
 
 class FinalNormPipe(Norm):
     def __init__(self, config: GPTConfig):
         super().__init__(config.hidden_size, config.norm_epsilon, **norm_kwargs(config))
+
+    def forward(self, inputs):
+        return super().forward(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
 
 
 def _head(hidden, weight, sequence_parallel: bool, fused: bool):
@@ -117,7 +144,7 @@ def gpt_layer_specs(config: GPTConfig, fused_head: bool = False) -> list:
         TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, config, tied_weight_attr=["word_embeddings.weight"])
         if tied else LayerSpec(EmbeddingPipe, config)
     ]
-    specs += [LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)]
+    specs += [LayerSpec(TransformerLayerPipe, config, i) for i in range(config.num_layers)]
     specs.append(LayerSpec(FinalNormPipe, config))
     if tied:
         # On a last stage of its own this builds the word embeddings only: a position table there would be
@@ -264,7 +291,7 @@ class GPTPipelineModule(PipelineModule):
             topology=topology,
             loss_fn=loss_fn if loss_fn is not None else PipelineLoss(policy),
             partition_method=method,
-            activation_checkpoint_interval=0,  # recomputation happens inside TransformerLayer
+            activation_checkpoint_interval=0,  # recomputation: see forward
         )
         # The tied embedding's copy on the last stage must not count twice in the gradient norm.
         # DeepSpeed marks it `ds_pipe_replicated`, which its fp32 clipping ignores; without the
@@ -274,6 +301,28 @@ class GPTPipelineModule(PipelineModule):
                 for p in comm["module"].parameters():
                     p.tensor_model_parallel = False
                     p.model_parallel = False
+
+    def forward(self, forward_input):
+        # DeepSpeed's forward with activation_checkpoint_interval=0 runs the stage's layers in order; the
+        # same here, the transformer layers (contiguous) going through Megatron's recomputation plan.
+        self.micro_offset += 1
+        funcs = list(self.forward_funcs)
+        where = [i for i, f in enumerate(funcs) if isinstance(f, TransformerLayer)]
+        first, end = (where[0], where[-1] + 1) if where else (len(funcs), len(funcs))
+        x = forward_input
+        for f in funcs[:first]:
+            x = f(x)
+        layers = funcs[first:end]
+        if isinstance(x, (tuple, list)) and layers:  # documents: (hidden, position_ids, document_ids)
+            hidden, position_ids, document_ids = x
+            b, s = position_ids.shape
+            cos, sin = rope_for(s, b, self.config, hidden.device, position_ids)
+            x = (run_transformer_layers(layers, hidden, cos, sin, document_ids), position_ids, document_ids)
+        else:
+            x = run_transformer_layers(layers, x)
+        for f in funcs[end:]:
+            x = f(x)
+        return x
 
     def _count_layer_params(self):
         # DeepSpeed's version builds every layer of the whole model on every rank just to count;
@@ -306,6 +355,7 @@ __all__ = [
     "EmbeddingPipe",
     "FinalNormPipe",
     "OutputLayerPipe",
+    "TransformerLayerPipe",
     "GPTPipelineModule",
     "PipelineLoss",
     "gpt_layer_specs",

@@ -128,11 +128,13 @@ def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     backend: Optional[str] = None,
+    timeout=None,
 ) -> ParallelDims:
     """Create the TP, DP, PP and model-parallel groups over the initialised default process group.
 
-    ``backend`` is the backend of the new groups (default: the world's). Every rank must call this,
-    with the same arguments (``new_group`` is collective). Returns the layout.
+    ``backend`` is the backend of the new groups (default: the world's); ``timeout`` (a ``timedelta``) their
+    collective timeout (default torch's; the trainer passes ``--distributed-timeout-minutes``, as Megatron does).
+    Every rank must call this, with the same arguments (``new_group`` is collective). Returns the layout.
     """
     global _GROUPS
     if not dist.is_available() or not dist.is_initialized():
@@ -148,7 +150,7 @@ def initialize_model_parallel(
     def build(all_groups):
         mine, mine_ranks = None, None
         for ranks in all_groups:  # every rank creates every group, in the same order
-            group = dist.new_group(ranks=ranks, backend=backend)
+            group = dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
             if rank in ranks:
                 mine, mine_ranks = group, ranks
         return mine, mine_ranks

@@ -28,29 +28,20 @@ IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- tokenizers
-class NullTokenizer:
-    """No text, only a vocabulary size (Megatron's ``NullTokenizer``, for mock data and benchmarks).
-
-    The end-of-document id is the last id (``vocab_size - 1``)."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = int(vocab_size)
-        self.eod = self.vocab_size - 1
-        self.pad = None
-
-    def tokenize(self, text: str):
-        return [int(t) for t in text.split()]
-
-    def detokenize(self, ids) -> str:
-        return " ".join(str(int(i)) for i in ids)
-
-
 def build_tokenizer_for_args(args):
-    if args.tokenizer_type == "NullTokenizer":
-        return NullTokenizer(args.vocab_size)
-    from megatron_slung.data.tokenizers import build_tokenizer
+    """The tokenizer Megatron's flags name (``--tokenizer-type`` and its files; the same as tools/preprocess_data.py)."""
+    from megatron_slung.data.tokenizers import build_tokenizer, tokenizer_kwargs
 
-    return build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, **tokenizer_kwargs(args))
+
+
+def tokenizer_files(args) -> str:
+    """The flags naming the tokenizer's files, for messages."""
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        return f"--vocab-file {args.vocab_file} --merge-file {args.merge_file}"
+    if args.tokenizer_type == "NullTokenizer":
+        return f"--vocab-size {args.vocab_size}"
+    return f"--tokenizer-model {args.tokenizer_model}"
 
 
 # --------------------------------------------------------------------------- mock data
@@ -60,8 +51,8 @@ class MockGPTDataset(torch.utils.data.Dataset):
     Sample ``i`` (its own generator, seeded by ``seed`` and ``i``, so any order and any worker give the same
     data) is an arithmetic progression modulo the vocabulary with a random start and a stride of 1..3, with
     ~5% random tokens, so a model can learn it. Risk levels: mostly 1 (benign), plus one span of level 2 and
-    one of level 3 in each sample, and a few level-0 tokens. The loss mask is all ones (end-of-document
-    tokens masked with ``eod_mask_loss``).
+    one of level 3 in each sample, and a few level-0 tokens. The loss mask is all ones (0 where the input
+    token is the end-of-document token with ``eod_mask_loss``, as Megatron masks it).
     """
 
     def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int, *, eod: Optional[int] = None,
@@ -94,23 +85,39 @@ class MockGPTDataset(torch.utils.data.Dataset):
         risk[torch.rand(s + 1, generator=g) < 0.02] = 0
         tokens, labels = text[:-1].clone(), text[1:].clone()
         loss_mask = torch.ones(s, dtype=torch.float32)
-        if self.eod_mask_loss and self.eod is not None:
-            loss_mask[labels == self.eod] = 0.0
+        if self.eod_mask_loss and self.eod is not None:  # Megatron's: where the input token is the EOD
+            loss_mask[tokens == self.eod] = 0.0
         return {"tokens": tokens.long(), "labels": labels.long(), "risk": risk[1:].clone(), "loss_mask": loss_mask}
 
 
 # --------------------------------------------------------------------------- datasets for the flags
 def dataset_sizes(args) -> tuple:
-    """Samples needed from each split: (train, valid, test), as Megatron computes them."""
-    train = args.train_iters * args.global_batch_size
+    """Samples needed from each split: (train, valid, test), as Megatron computes them (``--train-samples``
+    when given, else iterations x the global batch; evaluation batches are of the final global batch)."""
+    train_samples = getattr(args, "train_samples", None)
+    train = train_samples if train_samples is not None else args.train_iters * args.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 1
     valid = evals * args.eval_iters * args.global_batch_size
     test = args.eval_iters * args.global_batch_size
     return train, valid, test
 
 
+PER_SPLIT_FLAGS = ("train_data_path", "valid_data_path", "test_data_path")
+WHOLE_SPLIT = ("1,0,0", "0,1,0", "0,0,1")  # a per-split blend is read whole by its own split
+
+
+def data_sources(args) -> list:
+    """(flag, blend list, --split) pairs the datasets come from: ``--data-path`` with ``--split``, or each
+    per-split path given with the whole of it going to its split."""
+    if getattr(args, "data_path", None):
+        return [("--data-path", list(args.data_path), args.split)]
+    return [(f"--{name.replace('_', '-')}", list(getattr(args, name)), WHOLE_SPLIT[i])
+            for i, name in enumerate(PER_SPLIT_FLAGS) if getattr(args, name, None)]
+
+
 def build_datasets(args, tokenizer):
-    """(train, valid, test) for ``--data-path`` or ``--mock-data``. Collective (the index cache is built by rank 0)."""
+    """(train, valid, test) for ``--data-path``, the per-split paths or ``--mock-data``. Collective (the index
+    cache is built by rank 0)."""
     train_n, valid_n, test_n = dataset_sizes(args)
     if args.mock_data:
         def make(n, offset):
@@ -120,10 +127,20 @@ def build_datasets(args, tokenizer):
         return make(train_n, 0), make(valid_n, 1), make(test_n, 2)
     from megatron_slung.data.gpt_dataset import build_gpt_datasets
 
-    return build_gpt_datasets(
-        list(args.data_path), args.split, args.seq_length, args.seed, (train_n, valid_n, test_n),
-        cache_dir=args.data_cache_path, eod_token=getattr(tokenizer, "eod", None), eod_mask_loss=args.eod_mask_loss,
-    )
+    def build(paths, split, sizes):
+        return build_gpt_datasets(paths, split, args.seq_length, args.seed, sizes, cache_dir=args.data_cache_path,
+                                  eod_token=getattr(tokenizer, "eod", None), eod_mask_loss=args.eod_mask_loss,
+                                  mmap=getattr(args, "mmap_bin_files", True))
+
+    sizes = (train_n, valid_n, test_n)
+    if args.data_path:
+        return build(list(args.data_path), args.split, sizes)
+    out = [None, None, None]  # Megatron's blend_per_split: each split its own blend; a split not given is None
+    for i, name in enumerate(PER_SPLIT_FLAGS):
+        if getattr(args, name, None) and sizes[i] > 0:
+            out[i] = build(list(getattr(args, name)), WHOLE_SPLIT[i], tuple(n if j == i else 0
+                                                                           for j, n in enumerate(sizes)))[i]
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- checks before the job starts
@@ -206,7 +223,7 @@ def check_inputs(args) -> CheckedInputs:
 
     * the tokenizer loads (``--tokenizer-type`` / ``--tokenizer-model``), ``--vocab-size`` agrees with it,
       ``--eod-mask-loss`` has an end-of-document token;
-    * every ``--data-path`` prefix read (weight > 0) opens (index and data file consistent);
+    * every ``--data-path`` (or per-split path) prefix read (weight > 0) opens (index and data file consistent);
     * its token ids lie in [0, vocabulary size) (else the embedding fails mid-step);
     * it has a risk channel, or the policy treats every level like level 0, or ``--allow-missing-risk``.
     """
@@ -214,11 +231,11 @@ def check_inputs(args) -> CheckedInputs:
 
     try:
         tokenizer = build_tokenizer_for_args(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ArgumentError(f"--tokenizer-model {args.tokenizer_model}: cannot load the {args.tokenizer_type}: "
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        raise ArgumentError(f"{tokenizer_files(args)}: cannot load the {args.tokenizer_type}: "
                             f"{_one_line(e)}") from None
     vocab = int(tokenizer.vocab_size)
-    if args.tokenizer_type != "NullTokenizer" and args.vocab_size is not None and args.vocab_size != vocab:
+    if args.tokenizer_type not in ("NullTokenizer", "TikTokenizer") and args.vocab_size is not None and args.vocab_size != vocab:
         raise ArgumentError(f"--vocab-size {args.vocab_size} contradicts the tokenizer {args.tokenizer_model}, which "
                             f"has {vocab} tokens; leave --vocab-size out (it is for NullTokenizer)")
     if args.eod_mask_loss and getattr(tokenizer, "eod", None) is None:
@@ -230,45 +247,52 @@ def check_inputs(args) -> CheckedInputs:
     from megatron_slung.data.gpt_dataset import SPLIT_NAMES, parse_data_path, parse_split, split_document_ranges
     from megatron_slung.data.indexed_dataset import IndexedDataset, IndexedDatasetError
 
-    try:
-        prefixes, weights = parse_data_path(list(args.data_path))
-        fractions = parse_split(args.split)
-    except ValueError as e:
-        raise ArgumentError(_one_line(e)) from None
-    needed = dataset_sizes(args)
-    active = [p for p, w in zip(prefixes, weights) if w > 0]
-    for prefix in active:
+    all_needed = dataset_sizes(args)
+    without_risk_flag = {}
+    for flag, paths, split in data_sources(args):
         try:
-            indexed = IndexedDataset(prefix)
-        except IndexedDatasetError as e:
-            raise ArgumentError(f"--data-path: {_one_line(e)}") from None  # the message names the file
-        except OSError as e:
-            raise ArgumentError(f"--data-path {prefix}: cannot read it ({_one_line(e)})") from None
-        # A split that is read but holds no document (in a blend, a part may be asked for no sample of a
-        # split: build_gpt_datasets decides there).
-        ranges = split_document_ranges(indexed.num_documents, fractions)
-        for name, n, fraction, (start, stop) in zip(SPLIT_NAMES, needed, fractions, ranges):
-            if len(active) == 1 and n > 0 and fraction > 0 and stop <= start:
-                raise ArgumentError(f"--data-path {prefix}: the {name} split is empty ({indexed.num_documents} "
-                                    f"documents, --split {args.split}); use more data or another --split")
-        found = token_id_range(indexed, args.data_cache_path)
-        if found is not None and (found[0] < 0 or found[1] >= vocab):
-            which = (f"--vocab-size {vocab}" if args.tokenizer_type == "NullTokenizer"
-                     else f"the tokenizer {args.tokenizer_model}")
-            what = (f"holds a negative token id ({found[0]})" if found[0] < 0 else
-                    f"holds token ids up to {found[1]}, but {which} has {vocab} tokens (ids 0..{vocab - 1})")
-            raise ArgumentError(f"--data-path {prefix}: {what}; preprocess the data with this tokenizer, or train "
-                                "with the one it was made with")
-        checked.prefixes.append(prefix)
-        if not indexed.has_risk:
-            checked.without_risk.append(prefix)
+            prefixes, weights = parse_data_path(paths)
+            fractions = parse_split(split)
+        except ValueError as e:
+            raise ArgumentError(_one_line(e)) from None
+        # per-split paths: only their own split's samples are read from them
+        needed = all_needed if flag == "--data-path" else [n if f > 0 else 0 for n, f in zip(all_needed, fractions)]
+        what_split = f"--split {split}" if flag == "--data-path" else flag
+        active = [p for p, w in zip(prefixes, weights) if w > 0]
+        for prefix in active:
+            try:
+                indexed = IndexedDataset(prefix, mmap=getattr(args, "mmap_bin_files", True))
+            except IndexedDatasetError as e:
+                raise ArgumentError(f"{flag}: {_one_line(e)}") from None  # the message names the file
+            except OSError as e:
+                raise ArgumentError(f"{flag} {prefix}: cannot read it ({_one_line(e)})") from None
+            # A split that is read but holds no document (in a blend, a part may be asked for no sample of a
+            # split: build_gpt_datasets decides there).
+            ranges = split_document_ranges(indexed.num_documents, fractions)
+            for name, n, fraction, (start, stop) in zip(SPLIT_NAMES, needed, fractions, ranges):
+                if len(active) == 1 and n > 0 and fraction > 0 and stop <= start:
+                    raise ArgumentError(f"{flag} {prefix}: the {name} split is empty ({indexed.num_documents} "
+                                        f"documents, {what_split}); use more data or another --split")
+            found = token_id_range(indexed, args.data_cache_path)
+            if found is not None and (found[0] < 0 or found[1] >= vocab):
+                which = (f"--vocab-size {vocab}" if args.tokenizer_type == "NullTokenizer"
+                         else f"the tokenizer ({tokenizer_files(args)})")
+                what = (f"holds a negative token id ({found[0]})" if found[0] < 0 else
+                        f"holds token ids up to {found[1]}, but {which} has {vocab} tokens (ids 0..{vocab - 1})")
+                raise ArgumentError(f"{flag} {prefix}: {what}; preprocess the data with this tokenizer, or train "
+                                    "with the one it was made with")
+            if prefix not in checked.prefixes:
+                checked.prefixes.append(prefix)
+                if not indexed.has_risk:
+                    checked.without_risk.append(prefix)
+                    without_risk_flag.setdefault(prefix, flag)
     unlike = levels_unlike_level_0(LossPolicy.parse(args.risk_loss_policy))
     if checked.without_risk and unlike and not args.allow_missing_risk:
         missing = checked.without_risk
         more = f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else ""
         levels = f"level{'s' if len(unlike) > 1 else ''} {_format_levels(unlike)}"
         raise ArgumentError(
-            f"--data-path {missing[0]}{more} has no risk channel ({missing[0]}.risk.idx/.bin), so every token would "
+            f"{without_risk_flag[missing[0]]} {missing[0]}{more} has no risk channel ({missing[0]}.risk.idx/.bin), so every token would "
             f"be level 0, but --risk-loss-policy {args.risk_loss_policy!r} treats {levels} differently; "
             "preprocess the data with risk levels, or pass --allow-missing-risk to train it as level 0")
     return checked

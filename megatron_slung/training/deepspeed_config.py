@@ -16,6 +16,10 @@ Who does what (the decision, and why):
   its checkpoints. A JSON with an ``optimizer`` or ``scheduler`` section is rejected: the flags would
   silently lose. Everything else in a user's JSON (bucket sizes, offload, communication settings,
   ``pipeline`` options...) is passed through untouched.
+* Megatron's ``--use-distributed-optimizer`` is ZeRO stage 1 (the optimizer state sharded over the
+  data-parallel ranks); ``--overlap-grad-reduce`` is ``zero_optimization.overlap_comm`` (refused where DeepSpeed
+  would not overlap: ZeRO 0, pipelines, bf16 ZeRO-1 with fp32 accumulation); ``--overlap-param-gather`` is ZeRO
+  3's parameter prefetch (refused at ZeRO 1/2). See ``arguments.check_overlap_settings``.
 * ``steps_per_print`` is set very high: the trainer logs itself (see ``logging.py``).
 * bf16 with ZeRO 1 uses fp32 gradient accumulation (``data_types.grad_accum_dtype``: DeepSpeed's
   ``BF16_Optimizer``, the recommended setting with pipelines); bf16 with ZeRO 0 keeps DeepSpeed's default
@@ -64,6 +68,12 @@ def _precision_sections(args) -> Dict[str, Any]:
     return {"bf16": {"enabled": bool(args.bf16)}, "fp16": fp16}
 
 
+def _grad_reduce_section(args: argparse.Namespace) -> Dict[str, Any]:
+    """--grad-reduce-in-bf16 (Megatron: gradients accumulated and all-reduced in bf16, not fp32): DeepSpeed's
+    ``communication_data_type``; at ZeRO 1 the fp32 accumulation above is dropped too."""
+    return {"communication_data_type": "bf16"} if getattr(args, "grad_reduce_in_bf16", False) else {}
+
+
 def build_deepspeed_config(args: argparse.Namespace) -> Dict[str, Any]:
     """The DeepSpeed config for validated ``args`` (see the module docstring for what comes from where)."""
     config: Dict[str, Any] = {
@@ -76,8 +86,9 @@ def build_deepspeed_config(args: argparse.Namespace) -> Dict[str, Any]:
         "zero_optimization": {"stage": int(args.zero_stage)},
     }
     config.update(_precision_sections(args))
-    if args.bf16 and args.zero_stage == 1:
+    if args.bf16 and args.zero_stage == 1 and not getattr(args, "grad_reduce_in_bf16", False):
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+    config.update(_grad_reduce_section(args))
     if args.pipeline_model_parallel_size > 1 and args.sequence_parallel:
         config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return config
@@ -136,8 +147,12 @@ def check_user_config(user: Dict[str, Any], args: argparse.Namespace, source: st
             config["fp16"].setdefault(key, value)
     else:
         config.setdefault("fp16", generated["fp16"])
-    if args.bf16 and args.zero_stage == 1:
+    if args.bf16 and args.zero_stage == 1 and not getattr(args, "grad_reduce_in_bf16", False):
         config.setdefault("data_types", {"grad_accum_dtype": "fp32"})
+    for key, value in _grad_reduce_section(args).items():
+        if config.get(key, value) != value:
+            raise ArgumentError(f"{source}: {key} = {config[key]!r} disagrees with --grad-reduce-in-bf16")
+        config[key] = value
     if args.pipeline_model_parallel_size > 1 and args.sequence_parallel:
         pipe = config.setdefault("pipeline", {})
         if pipe.get("pipe_partitioned") or pipe.get("grad_partitioned"):
@@ -150,9 +165,15 @@ def check_user_config(user: Dict[str, Any], args: argparse.Namespace, source: st
 
 def resolve_deepspeed_config(args: argparse.Namespace) -> Dict[str, Any]:
     """The config DeepSpeed gets: generated from ``args``, or ``--deepspeed-config`` checked against it."""
+    from megatron_slung.training.arguments import check_overlap_settings
+
     if args.deepspeed_config is None:
         if args.clip_grad is None:
             args.clip_grad = 1.0
-        return build_deepspeed_config(args)
+        config = build_deepspeed_config(args)
+        check_overlap_settings(args, config, "the generated DeepSpeed config")
+        return config
     path = args.deepspeed_config
-    return check_user_config(read_json_config(path), args, f"--deepspeed-config {path}")
+    config = check_user_config(read_json_config(path), args, f"--deepspeed-config {path}")
+    check_overlap_settings(args, config, f"--deepspeed-config {path}")
+    return config

@@ -5,7 +5,8 @@ the loss (the policy loss that is optimised; mean of the per-iteration losses), 
 seen (plain cross-entropy per token, masked levels included: they carry no loss but are still watched), the
 learning rate, the gradient norm, tokens/s, TFLOP/s per device and MFU, and the ETA. Evaluations report the
 policy loss and, apart from it, the perplexity of the plain cross-entropy (``log_eval``). Only one rank (the
-logging rank) writes.
+logging rank) writes. TensorBoard and W&B get each iteration's own values every ``tensorboard_log_interval``
+iterations (Megatron's ``--tensorboard-log-interval``, default 1), the timing ones every ``log_interval``.
 
 FLOPs: ``flops_per_token`` (the model's formula: 6 x matmul parameters + attention, training) x tokens/s /
 devices = achieved TFLOP/s per device. MFU = that / the device's peak dense 16-bit tensor TFLOP/s, the
@@ -106,6 +107,7 @@ class _Window:
     loss_sum: float = 0.0
     loss_iters: int = 0
     num_tokens: int = 0
+    trained_tokens: int = 0  # tokens of the samples trained (the global batches' sizes x sequence length)
     grad_norm_sum: float = 0.0
     grad_norm_iters: int = 0
     level_count: torch.Tensor = field(default_factory=lambda: torch.zeros(NUM_LEVELS, dtype=torch.float64))
@@ -120,7 +122,9 @@ class TrainingLogger:
                  flops_per_token: float, world_size: int, device_name: Optional[str] = None,
                  peak_tflops_per_device: Optional[float] = None, tensorboard_dir: Optional[str] = None,
                  metrics_jsonl: Optional[str] = None, progress_bar: Optional[bool] = None,
-                 start_iteration: int = 0, stream=None):
+                 start_iteration: int = 0, stream=None, tensorboard_log_interval: int = 1,
+                 tensorboard_queue_size: int = 1000, wandb_run=None,
+                 throughput_flops_per_iteration: Optional[float] = None, log_timers: bool = False):
         self.enabled = enabled
         self.policy = LossPolicy.parse(policy)
         self.train_iters = train_iters
@@ -132,6 +136,11 @@ class TrainingLogger:
         self.stream = stream or sys.stdout
         self.window = _Window()
         self.records: List[dict] = []  # everything written, kept for tests and the final summary
+        self.tensorboard_log_interval = tensorboard_log_interval
+        # --log-throughput: Megatron's FLOPs of one global batch (monitoring.megatron_flops_per_iteration)
+        self.throughput_flops_per_iteration = throughput_flops_per_iteration
+        self.log_timers = log_timers  # --log-timers-to-tensorboard
+        self._wandb = wandb_run if enabled else None
         self._tb = None
         self._jsonl = None
         self._bar = None
@@ -140,7 +149,8 @@ class TrainingLogger:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_iteration + 1 if start_iteration else None)
+            self._tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=tensorboard_queue_size,
+                                     purge_step=start_iteration + 1 if start_iteration else None)
         if metrics_jsonl:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_jsonl)), exist_ok=True)
             self._jsonl = open(metrics_jsonl, "a", encoding="utf-8")
@@ -166,21 +176,55 @@ class TrainingLogger:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
+        self._scalars(scalars, step)
         if self._tb is not None:
-            for key, value in scalars.items():
-                if value is not None and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
             self._tb.flush()
+
+    def _scalars(self, scalars: Dict[str, Optional[float]], step: int) -> None:
+        """The same finite scalars to TensorBoard and W&B (a NaN or a missing value is left out)."""
+        finite = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(v)}
+        if self._tb is not None:
+            for key, value in finite.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None and finite:
+            self._wandb.log(finite, step=step)
 
     # ------------------------------------------------------------------ training
     def exclude_time(self, seconds: float) -> None:
         """Leave ``seconds`` (an evaluation, a checkpoint) out of the interval's training time."""
         self.window.start_time += seconds
 
-    def log_iteration(self, iteration: int, stats: StepStats, consumed_samples: int) -> Optional[dict]:
-        """Add one iteration; every ``log_interval`` iterations write and return the record."""
+    def is_log_iteration(self, iteration: int) -> bool:
+        """Does ``log_iteration(iteration)`` write the interval's record (every ``log_interval``, and the last)?"""
+        return iteration % self.log_interval == 0 or iteration == self.train_iters
+
+    def is_tensorboard_iteration(self, iteration: int) -> bool:
+        """Are the iteration's own scalars written (every ``--tensorboard-log-interval``)?"""
+        return (self._tb is not None or self._wandb is not None) and iteration % self.tensorboard_log_interval == 0
+
+    def log_iteration(self, iteration: int, stats: StepStats, consumed_samples: int,
+                      extras: Optional[Dict[str, float]] = None,
+                      timers: Optional[Dict[str, float]] = None, tokens: Optional[int] = None) -> Optional[dict]:
+        """Add one iteration; every ``log_interval`` iterations write and return the record. ``tokens``: its
+        global batch's (default ``tokens_per_iteration``: a batch-size ramp-up changes it).
+
+        Every ``tensorboard_log_interval`` iterations the iteration's own values go to TensorBoard/W&B (as
+        Megatron writes them: not averaged): loss, lr, grad norm, loss tokens, per-level ce and tokens, and
+        ``extras`` (``params-norm``, ``mem-*``). ``timers``: seconds per iteration over the interval, given on
+        log iterations (``--log-timers-to-tensorboard``).
+        """
+        extras = extras or {}
+        if self.enabled and self.is_tensorboard_iteration(iteration):
+            scalars = {"train/loss": stats.loss if stats.num_tokens else None, "train/lr": stats.lr,
+                       "train/grad_norm": stats.grad_norm, "train/loss_tokens": float(stats.num_tokens)}
+            for level, info in level_report(stats.level_count, stats.level_ce_sum, self.policy).items():
+                scalars[f"train/ce_level/{level}_{info['name']}"] = info["ce"]
+                scalars[f"train/tokens_level/{level}_{info['name']}"] = float(info["tokens"])
+            scalars.update(extras)
+            self._scalars(scalars, iteration)
         w = self.window
         w.iterations += 1
+        w.trained_tokens += self.tokens_per_iteration if tokens is None else int(tokens)
         if stats.skipped:
             w.skipped += 1
         if math.isfinite(stats.loss):
@@ -194,16 +238,17 @@ class TrainingLogger:
         w.level_ce_sum += stats.level_ce_sum.detach().double().cpu()
         if self._bar is not None:
             self._bar.update(1)
-        if iteration % self.log_interval != 0 and iteration != self.train_iters:
+        if not self.is_log_iteration(iteration):
             return None
-        record = self._flush_window(iteration, stats, consumed_samples)
+        record = self._flush_window(iteration, stats, consumed_samples, extras, timers)
         return record
 
-    def _flush_window(self, iteration: int, last: StepStats, consumed_samples: int) -> dict:
+    def _flush_window(self, iteration: int, last: StepStats, consumed_samples: int,
+                      extras: Dict[str, float], timers: Optional[Dict[str, float]]) -> dict:
         w = self.window
         elapsed = max(time.perf_counter() - w.start_time, 1e-9)
         iter_time = elapsed / w.iterations
-        tokens_per_s = self.tokens_per_iteration * w.iterations / elapsed
+        tokens_per_s = w.trained_tokens / elapsed
         tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
         mfu = tflops / self.peak if self.peak else None
         loss = w.loss_sum / w.loss_iters if w.loss_iters else float("nan")
@@ -227,12 +272,21 @@ class TrainingLogger:
             "levels": levels,
             "time": time.time(),
         }
-        scalars = {"train/loss": loss, "train/lr": last.lr, "train/grad_norm": grad_norm,
-                   "train/tokens_per_s": tokens_per_s, "train/tflops_per_device": tflops, "train/mfu": mfu,
-                   "train/loss_tokens": float(w.num_tokens)}
-        for level, info in levels.items():
-            scalars[f"train/ce_level/{level}_{info['name']}"] = info["ce"]
-            scalars[f"train/tokens_level/{level}_{info['name']}"] = float(info["tokens"])
+        # Per-interval scalars (timing): the per-iteration ones went out in log_iteration.
+        scalars = {"train/tokens_per_s": tokens_per_s, "train/tflops_per_device": tflops, "train/mfu": mfu}
+        if "params-norm" in extras:
+            record["params_norm"] = extras["params-norm"]
+        if self.throughput_flops_per_iteration is not None:
+            # Megatron's --log-throughput: its FLOPs of a global batch / (time per iteration x GPUs)
+            # (scaled by the interval's tokens over the nominal batch's: a batch-size ramp-up changes them)
+            flops = self.throughput_flops_per_iteration * w.trained_tokens / (w.iterations * self.tokens_per_iteration)
+            record["throughput_tflops_per_gpu"] = flops / iter_time / self.world_size / 1e12
+        if self.log_timers:
+            scalars["iteration-time"] = iter_time
+            if "throughput_tflops_per_gpu" in record:
+                scalars["throughput"] = record["throughput_tflops_per_gpu"]
+            record["timers"] = dict(timers or {})
+            scalars.update({f"{name}-time": seconds for name, seconds in record["timers"].items()})
         if self.enabled:
             self._write(record, scalars, iteration)
             self.print(format_train_line(record, self.train_iters))
@@ -277,6 +331,9 @@ class TrainingLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 # --------------------------------------------------------------------------- formatting
@@ -300,10 +357,13 @@ def format_train_line(r: dict, train_iters: int) -> str:
     grad = f"{r['grad_norm']:.3f}" if r["grad_norm"] is not None else "n/a"
     mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
     skipped = f" | skipped {r['skipped_iterations']}" if r["skipped_iterations"] else ""
+    params = f" | params norm {r['params_norm']:.3f}" if "params_norm" in r else ""
+    throughput = (f" | throughput per GPU (TFLOP/s/GPU): {r['throughput_tflops_per_gpu']:.3f}"
+                  if "throughput_tflops_per_gpu" in r else "")
     return (
         f"iter {r['iteration']:>{width}}/{train_iters} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | "
-        f"grad norm {grad} | {r['iter_time_s'] * 1000:.1f} ms/it | {r['tokens_per_s']:.0f} tok/s | "
-        f"{r['tflops_per_device']:.3f} TFLOP/s/dev{mfu} | ETA {_format_duration(r['eta_s'])}{skipped}\n"
+        f"grad norm {grad}{params} | {r['iter_time_s'] * 1000:.1f} ms/it | {r['tokens_per_s']:.0f} tok/s | "
+        f"{r['tflops_per_device']:.3f} TFLOP/s/dev{mfu}{throughput} | ETA {_format_duration(r['eta_s'])}{skipped}\n"
         f"    ce by risk level: {_format_levels(r['levels'])}"
     )
 

