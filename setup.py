@@ -89,6 +89,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "wandb", "fasttext-numpy2", "tiktoken"],
         "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer
         "eval": ["scikit-learn", "matplotlib", "alt-profanity-check", "lm-eval[hf]"],
+        "pipeline": ["datatrove>=0.10.1,<0.11"],  # tools/pipeline.py: tagging + preprocessing in resumable tasks
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -8,12 +8,13 @@
 # - torch is installed only when none is importable, and then as torch==2.13.0 (the CPU build).
 # - The project is built with `pip install --no-build-isolation -e .` so the C++ extension is compiled
 #   against that torch. A rerun with unchanged sources skips the build.
-# - SLUNG_EXTRAS picks the extras to install (default "test,eval": the tests cover the evaluation tools).
+# - SLUNG_EXTRAS picks the extras to install (default "test,eval,pipeline": the tests cover the evaluation
+#   tools and tools/pipeline.py).
 # Every step checks its own result (this file is sourced, where `set -e` cannot be relied on).
 
 SLUNG_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SLUNG_VENV="${SLUNG_VENV:-$SLUNG_ROOT/.venv}"
-SLUNG_EXTRAS="${SLUNG_EXTRAS:-test,eval}"
+SLUNG_EXTRAS="${SLUNG_EXTRAS:-test,eval,pipeline}"
 
 _slung_pip() { python -m pip install --disable-pip-version-check -q "$@"; }
 

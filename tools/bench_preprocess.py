@@ -4,6 +4,7 @@ with Megatron-LM's tools/preprocess_data.py (same SentencePiece model, same work
 
     python tools/bench_preprocess.py --size-mb 100 --workers 1 2 --json runs/bench_preprocess.json
     python tools/bench_preprocess.py --megatron-dir /path/to/Megatron-LM [--megatron-pythonpath DIR]
+    python tools/bench_preprocess.py --size-mb 500 --engine --work-dir /tmp/bench_engine   # tools/pipeline.py too
 
 The corpus (~``--size-mb`` of seeded synthetic JSONL, with sentence-level ``risk_spans``) and a 32k BPE
 SentencePiece model trained on it (tools/train_tokenizer.py) are cached under ``--work-dir``. Ours runs
@@ -11,7 +12,10 @@ with its full workload (risk channel, harmfulness tags at 5%, end-of-document to
 ``--append-eod``. Time is measured from each tool's "start of processing" log line (ours:
 ``[preprocess] ...``; Megatron-LM's: ``Time to startup: ...``) to its exit, so imports and tokenizer
 loading are not counted; the wall time of the whole command is reported too. When both ran, the tokens
-they wrote are compared (ours with its tag tokens removed must equal Megatron-LM's).
+they wrote are compared (ours with its tag tokens removed must equal Megatron-LM's). ``--engine`` also
+runs tools/pipeline.py (datatrove tasks, as many as workers, from scratch each time; marker ``[pipeline]``)
+on the same corpus and flags, checks its merged dataset is byte-equal to tools/preprocess_data.py's, and
+reports its time as a ratio to preprocess_data.py's (the engine's overhead).
 
 Megatron-LM is not part of this project: point ``--megatron-dir`` at a checkout you have; its imports
 must work in the Python given by ``--megatron-python`` (with ``--megatron-pythonpath`` prepended to
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -143,6 +148,23 @@ def run_ours(args, corpus, model, workers, out):
     return timed(cmd, "[preprocess]", env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+def run_engine(args, corpus, model, workers, out):
+    """tools/pipeline.py (datatrove) with --tasks = --workers = ``workers``, from scratch (no completed tasks)."""
+    shutil.rmtree(out + ".pipeline", ignore_errors=True)
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "pipeline.py"), "--input", corpus, "--output-prefix", out,
+           "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model, "--tasks", str(workers),
+           "--workers", str(workers), "--append-eod", "--harm-tag", TAG, "--harm-tag-prob", "0.05",
+           "--log-interval", "1000000"]
+    return timed(cmd, "[pipeline]", env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def same_files(a: str, b: str) -> bool:
+    import filecmp
+
+    return all(filecmp.cmp(f"{a}_text_document{s}", f"{b}_text_document{s}", shallow=False)
+               for s in (".bin", ".idx", ".risk.bin", ".risk.idx"))
+
+
 def run_megatron(args, corpus, model, workers, out):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if args.megatron_pythonpath:
@@ -166,12 +188,15 @@ def main(argv=None) -> int:
     p.add_argument("--megatron-dir", default=None, help="a Megatron-LM checkout to compare with")
     p.add_argument("--megatron-python", default=sys.executable)
     p.add_argument("--megatron-pythonpath", default=None, help="prepended to PYTHONPATH for Megatron-LM")
+    p.add_argument("--engine", action="store_true",
+                   help="also run tools/pipeline.py (datatrove) with as many tasks as workers, and report its overhead")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
     corpus, model = prepare(args)
     size = os.path.getsize(corpus)
-    tools = [("megatron_slung", run_ours)] + ([("Megatron-LM", run_megatron)] if args.megatron_dir else [])
+    tools = [("megatron_slung", run_ours)] + ([("pipeline", run_engine)] if args.engine else []) \
+        + ([("Megatron-LM", run_megatron)] if args.megatron_dir else [])
     results = []
     for workers in args.workers:
         for _ in range(args.repeats):
@@ -203,35 +228,46 @@ def main(argv=None) -> int:
             a = np.asarray(ours.read(0, ours.num_tokens))
             identical &= bool(np.array_equal(a[a != tag_id], np.asarray(theirs.read(0, theirs.num_tokens))))
 
+    engine_identical = None
+    if args.engine:  # the merged dataset must be preprocess_data.py's, byte for byte
+        engine_identical = all(same_files(best[("pipeline", w)]["output"], best[("megatron_slung", w)]["output"])
+                               for w in args.workers)
+
     rows = []
-    for (tool, workers), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0] != "megatron_slung")):
+    order = {"megatron_slung": 0, "pipeline": 1, "Megatron-LM": 2}
+    for (tool, workers), r in sorted(best.items(), key=lambda kv: (kv[0][1], order[kv[0][0]])):
         ref = best.get(("Megatron-LM", workers))
+        own = best.get(("megatron_slung", workers))
         rows.append({"tool": tool, "workers": workers, "seconds": round(r["seconds"], 2), "wall_s": round(r["wall_s"], 2),
                      "cpu_s": round(r["cpu_s"], 1), "processing_cpu_s": round(r["processing_cpu_s"], 1),
                      "mb_per_cpu_s": round(size / 1e6 / max(r["processing_cpu_s"], 1e-9), 3),
                      "mb_per_s": round(r["mb_per_s"], 3), "tokens_per_s": round(r["tokens_per_s"]),
                      "tokens": r["tokens"], "documents": r["documents"],
                      "speedup_vs_megatron": round(ref["seconds"] / r["seconds"], 2) if ref else None,
+                     "time_vs_preprocess_data": round(r["seconds"] / own["seconds"], 3),
                      "load_before": round(r["load_before"], 2), "load_after": round(r["load_after"], 2)})
     print(f"\ncorpus: {corpus} ({size / 1e6:.1f} MB), tokenizer: {model}")
     print(f"machine: {machine_info()['cpu']}, {os.cpu_count()} cores")
-    print("| tool | workers | seconds | MB/s | tokens/s | vs Megatron-LM | processing CPU s (MB per CPU s) "
-          "| wall s / CPU s of the command | load before/after |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| tool | workers (= tasks) | seconds | MB/s | tokens/s | time vs preprocess_data.py | vs Megatron-LM "
+          "| processing CPU s (MB per CPU s) | wall s / CPU s of the command | load before/after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['speedup_vs_megatron']:.2f}x" if r["speedup_vs_megatron"] else "-"
         print(f"| {r['tool']} | {r['workers']} | {r['seconds']:.1f} | {r['mb_per_s']:.2f} | {r['tokens_per_s']} | "
-              f"{ratio} | {r['processing_cpu_s']:.1f} ({r['mb_per_cpu_s']:.2f}) | {r['wall_s']:.1f} / {r['cpu_s']:.1f} | "
+              f"{r['time_vs_preprocess_data']:.3f} | {ratio} | {r['processing_cpu_s']:.1f} ({r['mb_per_cpu_s']:.2f}) | {r['wall_s']:.1f} / {r['cpu_s']:.1f} | "
               f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     if identical is not None:
         print(f"tokens identical to Megatron-LM's (tags removed): {'yes' if identical else 'NO'}")
+    if engine_identical is not None:
+        print(f"tools/pipeline.py's dataset byte-equal to tools/preprocess_data.py's: {'yes' if engine_identical else 'NO'}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"machine": machine_info(), "corpus": {"path": corpus, "bytes": size, "seed": args.seed},
                        "tokenizer": model, "results": rows, "tokens_identical_to_megatron": identical,
+                       "pipeline_identical_to_preprocess_data": engine_identical,
                        "all_runs": [{k: v for k, v in r.items() if k != "log_tail"} for r in results]}, f, indent=1)
-    return 0 if identical in (None, True) else 1
+    return 0 if identical in (None, True) and engine_identical in (None, True) else 1
 
 
 if __name__ == "__main__":

@@ -24,9 +24,8 @@ from megatron_slung.data.tokenizers import TOKENIZER_TYPES, tokenizer_kwargs  # 
 from megatron_slung.training.arguments import add_tiktoken_args  # noqa: E402
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_preprocess_args(p) -> None:
+    """The tokenizer, input, risk and tag flags (shared with tools/pipeline.py)."""
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES + ("GPTSentencePieceTokenizer",))
     g.add_argument("--tokenizer-model", default=None,
@@ -42,7 +41,6 @@ def get_args(argv=None):
                    help="SentencePiece: call the plain encoder for every document instead of the word cache "
                         "(same output, slower; for checking)")
     g = p.add_argument_group("input data")
-    g.add_argument("--input", required=True, help="a JSONL file (.jsonl/.json, optionally .gz/.zst) or a glob")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each record")
     g.add_argument("--split-sentences", action="store_true", help="(Megatron flag; not supported here)")
     g.add_argument("--keep-sequential-samples", action="store_true",
@@ -61,15 +59,11 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=1234, help="seed of the tag decisions (keyed by file and line)")
     g = p.add_argument_group("tokenization process")
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document token (risk level 0)")
-    g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx and .risk.bin/.idx")
-    g.add_argument("--summary-json", default=None, help="also write the final summary as JSON here")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="encoding processes")
-    g.add_argument("--partitions", type=int, default=1,
-                   help="contiguous input shares read in parallel (each with workers/partitions workers)")
     g.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
-    args = p.parse_args(argv)
+
+
+def options_from_args(p, args) -> PreprocessOptions:
+    """The PreprocessOptions of these flags; a combination that cannot work is a parser error."""
     t = args.tokenizer_type
     if t == "GPT2BPETokenizer":
         if not args.vocab_file or not args.merge_file or args.tokenizer_model:
@@ -89,18 +83,33 @@ def get_args(argv=None):
                 f"not --tokenizer-type {t}")
     if args.split_sentences:
         p.error("--split-sentences is not supported: risk spans are per document (tag sentences with tools/tag_risk.py)")
-    return args
-
-
-def main(argv=None) -> int:
-    args = get_args(argv)
-    opts = PreprocessOptions(
+    return PreprocessOptions(
         tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model, tokenizer_kwargs=tokenizer_kwargs(args),
         json_keys=tuple(args.json_keys),
         append_eod=args.append_eod, risk_key=args.risk_key, default_risk_level=args.default_risk_level,
         harm_tag=args.harm_tag, harm_tag_prob=args.harm_tag_prob, harm_tag_min_level=args.harm_tag_min_level,
         seed=args.seed, empty_documents=args.empty_documents, log_interval=args.log_interval,
         word_cache=not args.no_tokenizer_cache)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, help="a JSONL file (.jsonl/.json, optionally .gz/.zst) or a glob")
+    add_preprocess_args(p)
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx and .risk.bin/.idx")
+    g.add_argument("--summary-json", default=None, help="also write the final summary as JSON here")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="encoding processes")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="contiguous input shares read in parallel (each with workers/partitions workers)")
+    args = p.parse_args(argv)
+    return args, options_from_args(p, args)
+
+
+def main(argv=None) -> int:
+    args, opts = get_args(argv)
     try:
         summary = preprocess(args.input, args.output_prefix, opts, workers=args.workers, partitions=args.partitions)
     except (InputError, FileNotFoundError, ValueError, ImportError) as e:

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class TagConfig:
     scorer_path: str | None = None
     scorer_label: str | None = None
     scorer_batch_size: int = 32
+    scorer_device: str = "auto"  # --scorer hf: auto (a GPU when there is one), cpu, cuda, cuda:N
     toxic_threshold: float = 0.99
     ambiguous_threshold: float = 1e-4
     pii_level: int = 4
@@ -86,6 +88,10 @@ class TagConfig:
             pass  # a train_risk_classifier.py directory: checked there
         elif "classifier" in self.taggers:
             ClassifierTagger(None, self.toxic_threshold, self.ambiguous_threshold)
+            if self.scorer_batch_size < 1:
+                raise ValueError(f"--scorer-batch-size must be >= 1, got {self.scorer_batch_size}")
+            if self.scorer in ("hf", "huggingface"):
+                check_device_name(self.scorer_device)  # torch is asked in the workers (CUDA and fork do not mix)
             if self.scorer in ("hf", "huggingface") and not (self.scorer_path and os.path.isdir(self.scorer_path)):
                 raise FileNotFoundError(f"--scorer hf needs --scorer-path DIR (a local model directory), got {self.scorer_path!r}")
             if self.scorer in (None, "profanity", "alt-profanity-check"):
@@ -110,7 +116,8 @@ class TagConfig:
             elif name == "classifier":
                 kw = {}
                 if self.scorer in ("hf", "huggingface"):
-                    kw = {"label": self.scorer_label, "batch_size": self.scorer_batch_size}
+                    kw = {"label": self.scorer_label, "batch_size": self.scorer_batch_size,
+                          "device": resolve_device(self.scorer_device)}
                 unit_taggers.append(ClassifierTagger(build_scorer(self.scorer or "profanity", self.scorer_path, **kw),
                                                      self.toxic_threshold, self.ambiguous_threshold))
             elif name == "pii":
@@ -119,6 +126,29 @@ class TagConfig:
             else:
                 raise ValueError(f"unknown tagger {name!r}: use lexicon, classifier or pii")
         return RiskTagger(self.unit, unit_taggers, span_taggers)
+
+
+def check_device_name(device: str) -> None:
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"--scorer-device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: the first GPU when torch sees one, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` as given
+    (a GPU asked for and absent is an error, not a silent CPU run)."""
+    check_device_name(device)
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError(f"--scorer-device {device}: torch sees no GPU here")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--scorer-device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def _classifier_dir_tagger(cfg: TagConfig, load: bool = True):
@@ -150,30 +180,37 @@ class ChunkTagger:
         self.tagger = config.build()
 
     def tag_chunk(self, chunk):
+        pairs, chars = self.tag_records(chunk.path, iter_records(chunk))
+        out = [json.dumps(record, ensure_ascii=False) for _, record in pairs]
+        text = "\n".join(out) + ("\n" if out else "")
+        return text, len(pairs), len(chunk.data), chars
+
+    def tag_records(self, path, records):
+        """Set the risk field of ``records`` (``(line_no, record)`` pairs in line order, lazy or a list);
+        returns the pairs as a list and the characters per level."""
         cfg = self.config
-        records = []
+        pairs = []
         texts = {key: [] for key in cfg.json_keys}
         given = {key: [] for key in cfg.json_keys} if cfg.unit == "given" else None
-        for line_no, record in iter_records(chunk):  # one pass in line order: the first bad line is reported
-            records.append(record)
+        for line_no, record in records:  # one pass in line order: the first bad line is reported
+            pairs.append((line_no, record))
             for key in cfg.json_keys:
-                text = get_text(record, key, chunk.path, line_no)
+                text = get_text(record, key, path, line_no)
                 texts[key].append(text)
                 if given is not None:
                     raw = record.get(cfg.risk_key)
                     if isinstance(raw, dict):
                         raw = raw.get(key)
                     elif raw is not None and len(cfg.json_keys) > 1:
-                        raise InputError(chunk.path, line_no, f"{cfg.risk_key!r} is a list but there are several "
-                                                              "--json-keys; give an object {key: spans}")
+                        raise InputError(path, line_no, f"{cfg.risk_key!r} is a list but there are several "
+                                                        "--json-keys; give an object {key: spans}")
                     try:
                         given[key].append(validate_given(raw, len(text)))
                     except ValueError as e:
-                        raise InputError(chunk.path, line_no, f"{cfg.risk_key!r}: {e}") from None
+                        raise InputError(path, line_no, f"{cfg.risk_key!r}: {e}") from None
         per_key = {key: self.tagger.tag(texts[key], None if given is None else given[key]) for key in cfg.json_keys}
         chars = collections.Counter()
-        out = []
-        for i, record in enumerate(records):
+        for i, (_, record) in enumerate(pairs):
             if len(cfg.json_keys) == 1:
                 record[cfg.risk_key] = per_key[cfg.json_keys[0]][i]
             else:
@@ -181,9 +218,7 @@ class ChunkTagger:
             for key in cfg.json_keys:
                 for s, e, level in per_key[key][i]:
                     chars[level] += e - s
-            out.append(json.dumps(record, ensure_ascii=False))
-        text = "\n".join(out) + ("\n" if out else "")
-        return text, len(records), len(chunk.data), dict(chars)
+        return pairs, dict(chars)
 
 
 _TAGGER = None
@@ -226,13 +261,8 @@ def run(inputs, output: str, config: TagConfig, workers: int = 1, log_interval: 
             "characters_per_level": {int(k): v for k, v in sorted(chars.items())}, "output": output}
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", required=True, nargs="+", help="JSONL files or globs (.jsonl/.json, .gz/.zst)")
-    p.add_argument("--output", required=True, help="output JSONL (.gz or .zst: compressed so)")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose text is tagged")
-    p.add_argument("--risk-key", default="risk_spans", help="field written (and read, for --unit given)")
+def add_tagger_args(p) -> None:
+    """The tagger flags (shared with tools/pipeline.py)."""
     p.add_argument("--unit", choices=UNITS, default="sentence",
                    help="what one level is given to: a sentence, the whole document, or the spans already in the input")
     p.add_argument("--tagger", action="append", choices=("lexicon", "classifier", "pii"), default=[],
@@ -251,7 +281,9 @@ def get_args(argv=None):
                    help="a train_risk_classifier.py directory: ascending 0-5 thresholds; score >= Ti gives level "
                         "i+1, below T1 level 1 (e.g. 2,3: >= 2 ambiguous, >= 3 toxic)")
     g.add_argument("--scorer-label", default=None, help="--scorer hf: the label (name or index) of the toxic class")
-    g.add_argument("--scorer-batch-size", type=int, default=32)
+    g.add_argument("--scorer-batch-size", type=int, default=32, help="--scorer hf: texts per forward pass")
+    g.add_argument("--scorer-device", default="auto",
+                   help="--scorer hf: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     g.add_argument("--toxic-threshold", type=float, default=None, help="score > this: level 3 (default 0.99)")
     g.add_argument("--ambiguous-threshold", type=float, default=None, help="score > this: level 2, else 1 (default 1e-4)")
     g = p.add_argument_group("PII tagger")
@@ -259,6 +291,34 @@ def get_args(argv=None):
     g.add_argument("--pii-names", action="append", default=[], metavar="PATH", help="a list of names, one a line")
     g.add_argument("--no-pii-emails", action="store_true")
     g.add_argument("--no-pii-phones", action="store_true")
+
+
+def config_from_args(args) -> TagConfig:
+    """The TagConfig of the tagger flags (a bad --score-thresholds raises ValueError)."""
+    from megatron_slung.safety.classifier import parse_thresholds
+
+    score_thresholds = None if args.score_thresholds is None else tuple(parse_thresholds(args.score_thresholds))
+    thresholds_given = args.toxic_threshold is not None or args.ambiguous_threshold is not None
+    return TagConfig(unit=args.unit, taggers=tuple(args.tagger), json_keys=tuple(args.json_keys),
+                     risk_key=args.risk_key, lexicon=tuple(args.lexicon),
+                     lexicon_default_level=args.lexicon_default_level, scorer=args.scorer,
+                     scorer_path=args.scorer_path, scorer_label=args.scorer_label,
+                     scorer_batch_size=args.scorer_batch_size, scorer_device=args.scorer_device,
+                     toxic_threshold=0.99 if args.toxic_threshold is None else args.toxic_threshold,
+                     ambiguous_threshold=1e-4 if args.ambiguous_threshold is None else args.ambiguous_threshold,
+                     pii_level=args.pii_level, pii_names=tuple(args.pii_names), pii_emails=not args.no_pii_emails,
+                     pii_phones=not args.no_pii_phones, score_thresholds=score_thresholds,
+                     thresholds_given=thresholds_given)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, nargs="+", help="JSONL files or globs (.jsonl/.json, .gz/.zst)")
+    p.add_argument("--output", required=True, help="output JSONL (.gz or .zst: compressed so)")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose text is tagged")
+    p.add_argument("--risk-key", default="risk_spans", help="field written (and read, for --unit given)")
+    add_tagger_args(p)
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1)
     g.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
@@ -268,24 +328,10 @@ def get_args(argv=None):
 def main(argv=None) -> int:
     args = get_args(argv)
     try:
-        from megatron_slung.safety.classifier import parse_thresholds
-
-        score_thresholds = None if args.score_thresholds is None else tuple(parse_thresholds(args.score_thresholds))
+        config = config_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    thresholds_given = args.toxic_threshold is not None or args.ambiguous_threshold is not None
-    args.toxic_threshold = 0.99 if args.toxic_threshold is None else args.toxic_threshold
-    args.ambiguous_threshold = 1e-4 if args.ambiguous_threshold is None else args.ambiguous_threshold
-    config = TagConfig(unit=args.unit, taggers=tuple(args.tagger), json_keys=tuple(args.json_keys),
-                       risk_key=args.risk_key, lexicon=tuple(args.lexicon),
-                       lexicon_default_level=args.lexicon_default_level, scorer=args.scorer,
-                       scorer_path=args.scorer_path, scorer_label=args.scorer_label,
-                       scorer_batch_size=args.scorer_batch_size, toxic_threshold=args.toxic_threshold,
-                       ambiguous_threshold=args.ambiguous_threshold, pii_level=args.pii_level,
-                       pii_names=tuple(args.pii_names), pii_emails=not args.no_pii_emails,
-                       pii_phones=not args.no_pii_phones, score_thresholds=score_thresholds,
-                       thresholds_given=thresholds_given)
     try:
         summary = run(args.input, args.output, config, workers=args.workers, log_interval=args.log_interval)
     except (InputError, FileNotFoundError, ValueError, ImportError) as e:

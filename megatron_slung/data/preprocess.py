@@ -210,18 +210,23 @@ class Encoder:
 
     def encode_chunk(self, chunk: Chunk):
         """Parse, validate and tokenize a chunk; returns flat arrays per key (see module docstring)."""
+        return self.encode_records(chunk.path, chunk.file_index, iter_records(chunk), len(chunk.data))
+
+    def encode_records(self, path: str, file_index: int, records, nbytes: int):
+        """Validate and tokenize ``records`` (``(line_no, record)`` pairs of file ``file_index``, in line
+        order, a lazy iterator or a list); returns flat arrays per key (see module docstring)."""
         opts, tok = self.opts, self.tokenizer
         line_nos = []
         per_key = {key: ([], [], []) for key in opts.json_keys}  # texts, spans, uniform level
-        for line_no, record in iter_records(chunk):  # one pass in line order: the first bad line is reported
+        for line_no, record in records:  # one pass in line order: the first bad line is reported
             line_nos.append(line_no)
             for key, (texts, spans, uniform) in per_key.items():
-                text = get_text(record, key, chunk.path, line_no)
-                doc_spans = self._spans(record, key, text, chunk.path, line_no)
+                text = get_text(record, key, path, line_no)
+                doc_spans = self._spans(record, key, text, path, line_no)
                 texts.append(text)
                 spans.append(doc_spans)
                 uniform.append(self._uniform_level(doc_spans, len(text)))
-        out = {"records": len(line_nos), "nbytes": len(chunk.data), "keys": {}, "empty_where": []}
+        out = {"records": len(line_nos), "nbytes": nbytes, "keys": {}, "empty_where": []}
         for key, (texts, spans, uniform) in per_key.items():
             enc = tok.encode_flat(texts, offsets=any(u is None for u in uniform))
             levels = token_levels_flat(enc, texts, spans, uniform, opts.default_risk_level)
@@ -231,14 +236,14 @@ class Encoder:
             empty = np.flatnonzero(counts == 0)
             if len(empty):
                 if opts.empty_documents == "error":
-                    raise InputError(chunk.path, line_nos[empty[0]], f"empty document (key {key!r} gives no tokens)")
+                    raise InputError(path, line_nos[empty[0]], f"empty document (key {key!r} gives no tokens)")
                 stats.empty_skipped = len(empty)
                 room = MAX_EMPTY_REPORTED - len(out["empty_where"])
-                out["empty_where"] += [f"{chunk.path}:{line_nos[i]}" for i in empty[:max(room, 0)]]
+                out["empty_where"] += [f"{path}:{line_nos[i]}" for i in empty[:max(room, 0)]]
             if self.tag_id is not None:
                 ids, levels, bounds, tags = insert_harm_tags_flat(
                     ids, levels, bounds, self.tag_id, opts.harm_tag_min_level, opts.harm_tag_prob, opts.seed,
-                    chunk.file_index, np.asarray(line_nos, dtype=np.int64))
+                    file_index, np.asarray(line_nos, dtype=np.int64))
                 stats.tags_inserted = int(tags.sum())
             if opts.append_eod:  # after each non-empty document, level 0
                 doc_ends = bounds[1:][counts > 0]
