@@ -439,7 +439,8 @@ def set_global_batch_size(trainer: Trainer, global_batch_size: int) -> bool:
         return False
     engine.set_train_batch_size(global_batch_size)
     _print_status(f"global batch size {global_batch_size} ({engine.gradient_accumulation_steps()} micro-batches "
-                  "per data-parallel rank; --rampup-batch-size)")
+                  "per data-parallel rank; " + ("--step-batch-size-schedule)" if trainer.args.step_batch_size_schedule
+                                                    else "--rampup-batch-size)"))
     return True
 
 
