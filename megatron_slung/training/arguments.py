@@ -254,7 +254,8 @@ def _add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
                         "absent")
 
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="validate every N iterations (default none, as in Megatron-LM: only at the end of training)")
     g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation (0: none)")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--tensorboard-dir", default=None)
