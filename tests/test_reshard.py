@@ -47,10 +47,12 @@ CASES = {
     # bf16: DeepSpeed's fp32 copies per parameter at ZeRO 0, its bf16 optimizer at ZeRO 1 (fp32 gradient
     # accumulation there, bf16 at ZeRO 0: the two runs differ by more than fp32 noise)
     "bf16_zero0_to_zero1": (1, ["--bf16"], 1, ["--bf16", "--zero-stage", "1"], 2e-4),
+    # --decoupled-lr: a third optimizer group (embedding and output layer) between the other two
+    "decoupled_lr_zero0_to_tp2": (1, ["--decoupled-lr", "1e-2"], 2, TP2 + ["--decoupled-lr", "1e-2"], 1e-4),
 }
 
-# each case is two runs of about a minute; these three (TP, ZeRO 3 -> 1, bf16) run without -m slow
-FAST = ("1_to_tp2", "zero3_dp2_to_zero1_dp2", "bf16_zero0_to_zero1")
+# each case is two runs of about a minute; these four (TP, ZeRO 3 -> 1, bf16, decoupled lr) run without -m slow
+FAST = ("1_to_tp2", "zero3_dp2_to_zero1_dp2", "bf16_zero0_to_zero1", "decoupled_lr_zero0_to_tp2")
 
 
 @pytest.mark.parametrize("case", [

@@ -816,7 +816,7 @@ def _load_converted(engine, meta: CheckpointMetadata, now: dict, *, load_optimiz
     config = engine.module.config
     with_optimizer = load_optimizer and meta.saved_optimizer
     full = reshard.read_full_state(path, config, meta.layout, meta.args.get("pipeline_partition_method") or "uniform",
-                                   optimizer=with_optimizer)
+                                   optimizer=with_optimizer, decoupled_lr=meta.args.get("decoupled_lr") is not None)
     reshard.apply_full_state(engine, config, full, optimizer=with_optimizer)
     state = load_train_state(path)
     if finetune:

@@ -152,12 +152,17 @@ def _mp_file(tag_dir: str, mp: int) -> str:
 
 
 # --------------------------------------------------------------------------- reading one model-parallel rank
-def _groups_by_decay(order: Dict[str, torch.Tensor]) -> List[List[str]]:
-    """``pretrain.build_optimizer``'s groups: matrices (weight decay) first, then 1-D parameters; DeepSpeed
-    drops an empty group."""
-    decay = [n for n, t in order.items() if t.dim() >= 2]
-    no_decay = [n for n, t in order.items() if t.dim() < 2]
-    return [g for g in (decay, no_decay) if g]
+# Megatron's is_embedding_or_output_parameter, by GPTModel name (the position table is not one)
+EMBEDDING_OR_OUTPUT = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _groups_by_decay(order: Dict[str, torch.Tensor], decoupled: bool = False) -> List[List[str]]:
+    """``pretrain.build_optimizer``'s groups: matrices (weight decay) first, then (``decoupled``: the run had
+    ``--decoupled-lr``) the word embedding and output layer, then 1-D parameters; an empty group is dropped."""
+    special = [n for n in order if decoupled and n in EMBEDDING_OR_OUTPUT]
+    decay = [n for n, t in order.items() if t.dim() >= 2 and n not in special]
+    no_decay = [n for n, t in order.items() if t.dim() < 2 and n not in special]
+    return [g for g in (decay, special, no_decay) if g]
 
 
 def _step_of(state: dict) -> Optional[int]:
@@ -167,7 +172,7 @@ def _step_of(state: dict) -> Optional[int]:
     return None
 
 
-def _read_zero0(path: str, order: Dict[str, torch.Tensor], want_optimizer: bool):
+def _read_zero0(path: str, order: Dict[str, torch.Tensor], want_optimizer: bool, decoupled: bool = False):
     """ZeRO 0: the module's weights, and the torch optimizer's (fp32) or FP16_Optimizer's (bf16) state."""
     weights = {n: t.float() for n, t in order.items()}
     if not want_optimizer:
@@ -175,7 +180,7 @@ def _read_zero0(path: str, order: Dict[str, torch.Tensor], want_optimizer: bool)
     opt = _load(path).get("optimizer")
     if opt is None:
         raise ReshardError(f"{path} holds no optimizer state")
-    groups = _groups_by_decay(order)
+    groups = _groups_by_decay(order, decoupled)
     if "fp32_groups_flat" in opt:  # bf16 at ZeRO 0: DeepSpeed's FP16_Optimizer, one flat fp32 tensor per group
         base = opt["optimizer_state_dict"]
         moments = {m: {} for m in MOMENTS}
@@ -283,9 +288,10 @@ def _read_zero3(tag_dir: str, mp: int, to_gpt, want_optimizer: bool):
 
 # --------------------------------------------------------------------------- the whole checkpoint
 def read_full_state(ckpt_dir: str, config, saved_layout: dict, partition_method: str = "uniform", *,
-                    optimizer: bool = True) -> FullState:
+                    optimizer: bool = True, decoupled_lr: bool = False) -> FullState:
     """Every model-parallel rank's files of ``ckpt_dir`` (saved at ``saved_layout``) as one full state.
-    ``optimizer`` False: the weights only (the module's, or ZeRO 3's fp32 partitions)."""
+    ``optimizer`` False: the weights only (the module's, or ZeRO 3's fp32 partitions). ``decoupled_lr``: the
+    run that saved it had ``--decoupled-lr`` (one more optimizer group, which ZeRO 0's files hold by position)."""
     from megatron_slung.model.gpt import pipeline_layer_prefixes, tensor_parallel_layout
 
     tp, pp = (_saved_size(saved_layout, "tensor_model_parallel_size"),
@@ -318,7 +324,7 @@ def read_full_state(ckpt_dir: str, config, saved_layout: dict, partition_method:
                         raise ReshardError(f"{_mp_file(ckpt_dir, mp)}: no 'module' state dict")
                     buffers = set(sd.get("buffer_names") or ())
                     order = {to_gpt(k): v for k, v in module.items() if k not in buffers}
-                w, mom, step = _read_zero0(_mp_file(ckpt_dir, mp), order, optimizer and stage == 0)
+                w, mom, step = _read_zero0(_mp_file(ckpt_dir, mp), order, optimizer and stage == 0, decoupled_lr)
             else:
                 shapes = {}
                 for group in _load(_mp_file(ckpt_dir, mp))["param_shapes"]:
