@@ -286,7 +286,7 @@ class Tokenize(PipelineStep):
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         from megatron_slung.data.indexed_dataset import IndexedDatasetBuilder
-        from megatron_slung.data.preprocess import Encoder, KeyStats, Summary
+        from megatron_slung.data.preprocess import Encoder, KeyStats, Summary, add_encoded_chunk
 
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         encoder = Encoder(self.opts)
@@ -316,9 +316,7 @@ class Tokenize(PipelineStep):
                             result = encoder.encode_chunk(item)
                         else:
                             result = encoder.encode_records(item.path, item.file_index, item.records, item.nbytes)
-                    _add_result(summary, builders, result)
-                    progress.update(result["records"], result["nbytes"],
-                                    sum(ks.tokens for *_, ks in result["keys"].values()))
+                    progress.update(result["records"], result["nbytes"], add_encoded_chunk(summary, builders, result))
                     self.stat_update("documents", value=result["records"])
         except BaseException:
             for builder in builders.values():
@@ -326,22 +324,6 @@ class Tokenize(PipelineStep):
             raise
         return
         yield  # a generator (datatrove drains the last step)
-
-
-def _add_result(summary, builders, result) -> None:
-    """preprocess._encode_segments's bookkeeping for one encoded chunk."""
-    from megatron_slung.data.preprocess import MAX_EMPTY_REPORTED
-
-    summary.records += result["records"]
-    summary.input_bytes += result["nbytes"]
-    summary.empty_where = (summary.empty_where + result["empty_where"])[:MAX_EMPTY_REPORTED]
-    for key, (tokens, lengths, risk, ks) in result["keys"].items():
-        builders[key].add_documents(tokens, lengths, risk)
-        mine = summary.keys[key]
-        mine.documents += ks.documents
-        mine.tokens += ks.tokens
-        mine.empty_skipped += ks.empty_skipped
-        mine.tags_inserted += ks.tags_inserted
 
 
 class MergeShards(PipelineStep):

@@ -336,6 +336,24 @@ def _chunks(segments: list[Segment], chunk_bytes: int):
 # Running
 
 
+def add_encoded_chunk(summary, builders, result) -> int:
+    """One encoded chunk's documents into the builders and its counts into ``summary``; its token count.
+    (Shared with the datatrove pipeline's tokenising step, data/engine.py.)"""
+    summary.records += result["records"]
+    summary.input_bytes += result["nbytes"]
+    summary.empty_where = (summary.empty_where + result["empty_where"])[:MAX_EMPTY_REPORTED]
+    ntok = 0
+    for key, (tokens, lengths, risk, ks) in result["keys"].items():
+        builders[key].add_documents(tokens, lengths, risk)
+        mine = summary.keys[key]
+        mine.documents += ks.documents
+        mine.tokens += ks.tokens
+        mine.empty_skipped += ks.empty_skipped
+        mine.tags_inserted += ks.tags_inserted
+        ntok += ks.tokens
+    return ntok
+
+
 def _encode_segments(segments, opts: PreprocessOptions, workers: int, prefixes: dict, vocab_size: int,
                      label: str = "", stream=None) -> Summary:
     """Encode ``segments`` with a pool of ``workers`` into new datasets at ``prefixes[key]``."""
@@ -355,18 +373,7 @@ def _encode_segments(segments, opts: PreprocessOptions, workers: int, prefixes: 
             _encode_in_worker, _chunks(segments, opts.chunk_bytes), workers,
             initializer=_init_worker, initargs=(opts,))))
         for result in results:
-            summary.records += result["records"]
-            summary.input_bytes += result["nbytes"]
-            summary.empty_where = (summary.empty_where + result["empty_where"])[:MAX_EMPTY_REPORTED]
-            ntok = 0
-            for key, (tokens, lengths, risk, ks) in result["keys"].items():
-                builders[key].add_documents(tokens, lengths, risk)
-                mine = summary.keys[key]
-                mine.documents += ks.documents
-                mine.tokens += ks.tokens
-                mine.empty_skipped += ks.empty_skipped
-                mine.tags_inserted += ks.tags_inserted
-                ntok += ks.tokens
+            ntok = add_encoded_chunk(summary, builders, result)
             progress.update(result["records"], result["nbytes"], ntok)
         for key, builder in builders.items():
             summary.keys[key].risk_counts = builder.risk_counts.tolist()
