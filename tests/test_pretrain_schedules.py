@@ -160,7 +160,8 @@ def test_per_split_paths_feed_each_split_its_own_blend(tmp_path):
     """--train-data-path / --valid-data-path / --test-data-path: each split reads its own blend whole (token ids
     tell them apart), the trainer evaluates on them, and --data-args-path holds --data-path's values."""
     from megatron_slung.training.arguments import parse_args
-    from megatron_slung.training.data import NullTokenizer, build_datasets
+    from megatron_slung.data.tokenizers import NullTokenizer
+    from megatron_slung.training.data import build_datasets
 
     train = _dataset(tmp_path / "train", 0, 100)
     valid = _dataset(tmp_path / "valid", 100, 200)
