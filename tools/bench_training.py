@@ -45,6 +45,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_job(cmd: list, env: dict, jsonl: str, what: str) -> tuple:
+    """Run the trainer command ``cmd`` (writing ``--metrics-jsonl jsonl``); (all train records, the steady
+    ones: those after the first logged interval, which holds start-up costs). SystemExit with its output
+    when it fails."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    with open(jsonl) as f:
+        records = [json.loads(line) for line in f if '"train"' in line]
+    return records, records[1:] or records
+
+
 def run_layout(name: str, iters: int, log_interval: int, extra: list, threads: int | None = None) -> dict:
     procs, flags = LAYOUTS[name]
     cores = os.cpu_count() or 1
@@ -56,12 +68,7 @@ def run_layout(name: str, iters: int, log_interval: int, extra: list, threads: i
                *MODEL, "--train-iters", str(iters), "--log-interval", str(log_interval), "--metrics-jsonl", jsonl,
                *flags, *extra]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"layout {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-        with open(jsonl) as f:
-            records = [json.loads(line) for line in f if '"train"' in line]
-    steady = records[1:] or records
+        records, steady = run_job(cmd, env, jsonl, f"layout {name}")
     tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
     return {"layout": name, "processes": procs, "threads_per_process": threads, "tokens_per_s": tokens_per_s,
             "ms_per_iter": sum(r["iter_time_s"] for r in steady) / len(steady) * 1000,

@@ -36,6 +36,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tools.bench_training import run_job  # noqa: E402
 
 SIZES = ("--num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 256 --max-position-embeddings 256 "
          "--micro-batch-size 4 --global-batch-size 16 --vocab-size 8192 --lr 1e-4 --mock-data "
@@ -55,12 +56,7 @@ def trainer_ms(flags: list, iters: int, log_interval: int) -> float:
         cmd = [sys.executable, "-m", "megatron_slung.pretrain", *flags, "--train-iters", str(iters),
                "--log-interval", str(log_interval), "--metrics-jsonl", jsonl]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"the trainer failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-        with open(jsonl) as f:
-            records = [json.loads(line) for line in f if '"train"' in line]
-    steady = records[1:] or records
+        _, steady = run_job(cmd, env, jsonl, "the trainer")
     return 1000 * sum(r["iter_time_s"] for r in steady) / len(steady)
 
 
